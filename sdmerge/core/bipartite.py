@@ -1,0 +1,91 @@
+"""ToMe's bipartite soft matching (Bolya et al. 2022; for Stable Diffusion, Bolya & Hoffman 2023).
+
+Tokens are split into sources (set A) and destinations (set B). Every source picks its most
+similar destination (cosine similarity of the metric); the ``remove`` sources with the best
+scores join their destination's group, every other token stays alone. One destination may
+absorb several sources.
+
+Two splits:
+- :func:`alternating_split` (ViT): A = even positions, B = odd positions, protected prefix
+  tokens (class, distillation) in neither set, so they are never merged.
+- :func:`random_2d_split` (Stable Diffusion): one destination per ``sy x sx`` window of the
+  ``h x w`` token grid, chosen at random (or the top-left one), tokens in leftover edge
+  rows/columns are sources; the whole batch shares the pattern. Defined exactly as
+  ``tomesd.merge.bipartite_soft_matching_random2d``, including how a generator is consumed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .plan import MergePlan, plan_from_representatives
+from .similarity import most_similar, token_index
+
+
+def alternating_split(num_tokens: int, protected: int = 0, device=None) -> tuple[Tensor, Tensor]:
+    """ViT split: sources at even positions, destinations at odd positions, ``>= protected``.
+
+    Returns ``(src, dst)`` token indices, ``[n_src]`` and ``[n_dst]``.
+    """
+    positions = torch.arange(protected, num_tokens, device=device)
+    return positions[positions % 2 == 0], positions[positions % 2 == 1]
+
+
+def random_2d_split(
+    h: int, w: int, sx: int = 2, sy: int = 2, generator: torch.Generator | None = None, device=None
+) -> tuple[Tensor, Tensor]:
+    """Stable Diffusion split of an ``h x w`` token grid (raster order), as tomesd defines it.
+
+    One destination per ``sy x sx`` window: a random cell drawn with ``generator`` (one
+    ``torch.randint(sy * sx, (h // sy, w // sx, 1))`` call, as tomesd), or the top-left cell
+    when ``generator`` is None. Cells outside the ``(h // sy) * sy`` by ``(w // sx) * sx``
+    region are sources.
+
+    Returns ``(src, dst)`` token indices in raster order, ``[h*w - n_dst]`` and ``[n_dst]``.
+    """
+    if sx < 1 or sy < 1:
+        raise ValueError(f"strides must be >= 1, got sx={sx}, sy={sy}")
+    hsy, wsx = h // sy, w // sx
+    if hsy == 0 or wsx == 0:
+        raise ValueError(f"a {h}x{w} token grid has no full {sy}x{sx} window; use smaller strides")
+    if generator is None:
+        cell = torch.zeros(hsy, wsx, 1, dtype=torch.int64, device=device)
+    else:
+        cell = torch.randint(sy * sx, size=(hsy, wsx, 1), device=generator.device, generator=generator).to(device)
+    is_dst = torch.zeros(hsy, wsx, sy * sx, dtype=torch.bool, device=device)
+    is_dst.scatter_(2, cell, True)
+    grid = torch.zeros(h, w, dtype=torch.bool, device=device)
+    grid[: hsy * sy, : wsx * sx] = is_dst.view(hsy, wsx, sy, sx).transpose(1, 2).reshape(hsy * sy, wsx * sx)
+    grid = grid.flatten()
+    return (~grid).nonzero().squeeze(1), grid.nonzero().squeeze(1)
+
+
+def bipartite_soft_matching(
+    metric: Tensor, remove: int, src: Tensor, dst: Tensor, sizes: Tensor | None = None
+) -> MergePlan:
+    """Merge the ``remove`` sources most similar to a destination into it.
+
+    Args:
+        metric: ``[B, N, D]`` similarity features (cosine similarity is used).
+        remove: tokens to remove, ``0 <= remove <= n_src``.
+        src, dst: the split, ``[n]`` shared by the batch or ``[B, n]`` token indices.
+        sizes: ``[B, N]`` token sizes carried into the plan.
+
+    Returns a plan with ``N - remove`` groups.
+    """
+    B, N, _ = metric.shape
+    n_src = src.shape[-1]
+    if not 0 <= remove <= n_src:
+        raise ValueError(
+            f"bipartite matching can remove at most {n_src} of {N} tokens (the source set), asked to remove {remove}"
+        )
+    representative = torch.arange(N, device=metric.device).expand(B, N).contiguous()
+    if remove > 0:
+        with torch.no_grad():
+            score, choice = most_similar(metric, src, dst)
+            merged = score.argsort(dim=-1, descending=True)[:, :remove]  # positions in src
+            src_tokens = token_index(src, B).gather(1, merged)
+            dst_tokens = token_index(dst, B).gather(1, choice.gather(1, merged))
+            representative.scatter_(1, src_tokens, dst_tokens)
+    return plan_from_representatives(representative, N - remove, sizes)

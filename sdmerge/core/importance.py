@@ -1,0 +1,23 @@
+"""Token importance: the class importance score of ToMeCIS (Seol et al., eq. 7-8)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def importance_score(attention: Tensor, values: Tensor) -> Tensor:
+    """``S_i = mean_h(A_{h,i} * ||V_{h,i}||_2)``: ToMeCIS eq. 8, averaged over heads.
+
+    Args:
+        attention: ``[B, H, N]`` attention each token receives, e.g. the class token's row of the
+            attention probabilities (``A_cls``, eq. 7).
+        values: ``[B, H, N, Dh]`` value vectors per head.
+
+    Returns ``[B, N]`` float32 scores (computed in float32, so float16 inputs do not underflow
+    in the product; merging guards against scores that are exactly zero).
+    """
+    if attention.shape != values.shape[:3]:
+        raise ValueError(
+            f"attention [B, H, N] = {tuple(attention.shape)} does not match values [B, H, N, Dh] = {tuple(values.shape)}"
+        )
+    return (attention.float() * values.float().norm(dim=-1)).mean(dim=1)

@@ -1,0 +1,114 @@
+"""The merging methods, by name: each is a grouping plus a weighting, built from the core.
+
+Integrations (Stable Diffusion, ViT) decide *where* to reduce and supply the inputs; this
+module decides *how* a method turns them into a plan and merge weights.
+
+=============  ==========================  ==================  ===========
+method         grouping                    merge weights       models
+=============  ==========================  ==================  ===========
+tome           bipartite soft matching     sizes               sd, vit
+atc_single     agglomerative, single       sizes               sd, vit
+atc_complete   agglomerative, complete     sizes               sd, vit
+atc_average    agglomerative, average      sizes               sd, vit
+cis            bipartite soft matching     importance          sd, vit
+crucial        crucial tokens (MSTM)       importance          sd, vit
+topk           top-k pruning               (kept unchanged)    vit
+evit           top-k + one fused token     importance          vit
+=============  ==========================  ==================  ===========
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .core import (
+    MergePlan,
+    agglomerative_clustering,
+    bipartite_soft_matching,
+    crucial_token_merging,
+    evit_fusion,
+    top_k_pruning,
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    grouping: str  # "bipartite" | "agglomerative" | "crucial" | "topk" | "evit"
+    linkage: str | None = None
+    importance_weighted: bool = False
+    models: tuple[str, ...] = ("sd", "vit")
+
+    @property
+    def needs_importance(self) -> bool:
+        """Whether the method needs a per-token importance score to group or to weight."""
+        return self.importance_weighted or self.grouping in ("crucial", "topk", "evit")
+
+    @property
+    def needs_split(self) -> bool:
+        """Whether the method needs a source/destination split (bipartite matching)."""
+        return self.grouping == "bipartite"
+
+    def plan(
+        self,
+        metric: Tensor,
+        remove: int,
+        *,
+        protected: int = 0,
+        sizes: Tensor | None = None,
+        importance: Tensor | None = None,
+        split: tuple[Tensor, Tensor] | None = None,
+    ) -> MergePlan:
+        """Group ``metric: [B, N, D]`` so that ``remove`` tokens disappear.
+
+        ``split``: ``(src, dst)`` token indices for bipartite methods; ``importance``: ``[B, N]``
+        for the methods that need it. ``protected`` prefix tokens are never merged (bipartite
+        methods protect them through the split).
+        """
+        if self.needs_importance and importance is None and self.grouping != "bipartite":
+            raise ValueError(f"method {self.name!r} needs an importance score")
+        if self.grouping == "bipartite":
+            if split is None:
+                raise ValueError(f"method {self.name!r} needs a source/destination split")
+            return bipartite_soft_matching(metric, remove, *split, sizes=sizes)
+        if self.grouping == "agglomerative":
+            return agglomerative_clustering(metric, remove, self.linkage, protected=protected, sizes=sizes)
+        if self.grouping == "crucial":
+            return crucial_token_merging(metric, importance, remove, protected=protected, sizes=sizes)
+        if self.grouping == "topk":
+            return top_k_pruning(importance, remove, protected=protected, sizes=sizes)
+        return evit_fusion(importance, remove, protected=protected, sizes=sizes)
+
+    def weights(self, sizes: Tensor | None, importance: Tensor | None) -> Tensor | None:
+        """Merge weights ``[B, N]``: importance for importance-weighted methods when a score
+        exists, else sizes (``None``: plain mean)."""
+        if self.importance_weighted and importance is not None:
+            return importance
+        return sizes
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("tome", "bipartite"),
+        Method("atc_single", "agglomerative", linkage="single"),
+        Method("atc_complete", "agglomerative", linkage="complete"),
+        Method("atc_average", "agglomerative", linkage="average"),
+        Method("cis", "bipartite", importance_weighted=True),
+        Method("crucial", "crucial", importance_weighted=True),
+        Method("topk", "topk", models=("vit",)),
+        Method("evit", "evit", importance_weighted=True, models=("vit",)),
+    )
+}
+
+
+def get_method(name: str, model: str) -> Method:
+    """The method called ``name`` for a model kind (``"sd"`` or ``"vit"``); a clear error otherwise."""
+    valid = [m for m in METHODS.values() if model in m.models]
+    method = METHODS.get(name)
+    if method is None or model not in method.models:
+        where = "" if method is None else f" for {model} models"
+        raise ValueError(f"unknown method {name!r}{where}; valid methods: {', '.join(m.name for m in valid)}")
+    return method
