@@ -80,6 +80,12 @@ def test_cosine_distances_are_symmetric_with_zero_diagonal():
     torch.testing.assert_close(d[:, off_diagonal], direct[:, off_diagonal], atol=1e-6, rtol=0)
 
 
+def test_a_metric_that_requires_grad_is_accepted():
+    metric = torch.randn(2, 40, 8, requires_grad=True)
+    assert cosine_distances(metric).requires_grad is False
+    assert torch.equal(cluster(metric, 10), cluster(metric.detach(), 10))
+
+
 @pytest.mark.parametrize("method", LINKAGES)
 def test_protected_tokens_are_excluded(method):
     metric = clustered_metric(batch=3, tokens=66, dim=12, centers=5, seed=8)

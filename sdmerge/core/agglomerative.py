@@ -55,8 +55,9 @@ def check_linkage(linkage: str) -> str:
     return linkage
 
 
+@torch.no_grad()
 def cosine_distances(metric: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Cosine distances ``1 - cos(m_i, m_j)``: ``[B, N, D] -> [B, N, N]``, zero diagonal.
+    """Cosine distances ``1 - cos(m_i, m_j)``: ``[B, N, D] -> [B, N, N]``, zero diagonal, no gradient.
 
     The products are computed in float32 (float64 if ``metric`` is float64), then stored as
     ``dtype``. The matrix is exactly symmetric: only the upper triangle is computed (by blocks
@@ -104,9 +105,8 @@ def cluster(metric: Tensor, k: int, linkage: str = "average") -> Tensor:
     N = metric.shape[1]
     if not 1 <= k <= N:
         raise ValueError(f"k={k} clusters requested for {N} tokens; allowed: 1 <= k <= {N}")
-    with torch.no_grad():
-        distances = cosine_distances(metric, _working_dtype(metric.dtype, linkage))
-        return agglomerative_labels(distances, k, linkage)
+    distances = cosine_distances(metric, _working_dtype(metric.dtype, linkage))
+    return agglomerative_labels(distances, k, linkage)
 
 
 def agglomerative_clustering(
@@ -136,6 +136,7 @@ def agglomerative_clustering(
     return MergePlan(torch.cat([prefix, labels], dim=1), N - remove, sizes)
 
 
+@torch.no_grad()
 def agglomerative_labels(distances: Tensor, k: int, linkage: str) -> Tensor:
     """Cluster labels ``[B, N]`` from a distance matrix ``[B, N, N]``, which is consumed (overwritten)."""
     return _Agglomeration(distances, linkage).run(k)
