@@ -10,19 +10,22 @@ attention processor (``AttnProcessor2_0``: torch SDPA). Configurations:
   (tomesd's ``ratio`` is ``1 - r``); defaults otherwise (``use_rand=True``, ``max_downsample=1``).
 
 Each repetition runs every configuration once, in turn (interleaved), after one untimed
-warm-up call each. ``cis`` is timed on the second call of a generation (its first call has no
-prompt attention mass yet and costs what ``tome`` costs), so it pays for the prompt mass and
-the value norms. The table gives the median seconds per step, the ratio to the unpatched
-UNet, the ratio of sdmerge ``tome`` to tomesd at the same setting, and the share of the step
-spent computing merge plans (sdmerge: grouping, split and importance, plus for ``cis`` the
-prompt attention mass; tomesd: its ``compute_merge``), timed around those calls (exact on the
-CPU; on a GPU each timer synchronises the device).
+warm-up call of the unpatched UNet per resolution. ``cis`` is timed on the second call of a
+generation (its first call has no prompt attention mass yet and costs what ``tome`` costs),
+so it pays for the prompt mass and the value norms.
+
+The table gives the median seconds per step (elapsed, or with ``--clock cpu`` this process's
+CPU time), the ratio to the unpatched UNet, the ratio of sdmerge ``tome`` to tomesd at the
+same setting, and the share of the step spent computing merge plans (sdmerge: grouping, split
+and importance, plus for ``cis`` the prompt attention mass; tomesd: its ``compute_merge``),
+timed around those calls (exact on the CPU; on a GPU each timer synchronises the device).
 
 Weights: random, from SD-1.5's UNet config (no download), unless ``--unet`` names a local
 diffusers UNet directory or a pipeline directory (loaded with ``from_pretrained``).
 
     python scripts/bench_unet.py                          # 512 and 1024, 3 repetitions
     python scripts/bench_unet.py --quick                  # 512 only, 1 repetition
+    python scripts/bench_unet.py --resolutions 1024 --repetitions 1 --threads 1 --clock cpu
     python scripts/bench_unet.py --device cuda --dtype float16
 """
 
@@ -90,22 +93,26 @@ def settings() -> list[Setting]:
     return out
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 class PlanTimer:
     """Accumulates the seconds spent computing merge plans, by wrapping the functions that do it."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock):
         self.device = device
+        self.clock = clock
         self.seconds = 0.0
 
     def _timed(self, function):
         def wrapper(*args, **kwargs):
             synchronize(self.device)
-            start = time.perf_counter()
+            start = self.clock()
             try:
                 return function(*args, **kwargs)
             finally:
                 synchronize(self.device)
-                self.seconds += time.perf_counter() - start
+                self.seconds += self.clock() - start
 
         return wrapper
 
@@ -158,13 +165,13 @@ def time_step(unet, setting: Setting, inputs, device: torch.device, timer: PlanT
         unet(sample, 501, context)
     timer.seconds = 0.0
     synchronize(device)
-    start = time.perf_counter()
+    start = timer.clock()
     unet(sample, 500, context)
     synchronize(device)
-    return time.perf_counter() - start, timer.seconds
+    return timer.clock() - start, timer.seconds
 
 
-def run_resolution(unet, side: int, repetitions: int, dtype, device) -> list[Setting]:
+def run_resolution(unet, side: int, repetitions: int, dtype, device, clock=time.perf_counter) -> list[Setting]:
     batch = RESOLUTIONS[side]
     generator = torch.Generator().manual_seed(side)
     latent = side // 8
@@ -172,28 +179,27 @@ def run_resolution(unet, side: int, repetitions: int, dtype, device) -> list[Set
     context = torch.randn(batch, PROMPT_TOKENS, unet.config.cross_attention_dim, generator=generator)
     inputs = (sample, context.to(device=device, dtype=dtype))
     table = settings()
-    timer = PlanTimer(device)
+    timer = PlanTimer(device, clock)
     with torch.no_grad(), timer.installed():
-        for repetition in range(repetitions + 1):  # repetition 0: warm-up, untimed
+        table[0].patch(unet)
+        print(f"  {side}px warm-up {time_step(unet, table[0], inputs, device, timer)[0]:8.3f} s", flush=True)
+        for repetition in range(1, repetitions + 1):
             for setting in table:
                 setting.patch(unet)
                 seconds, plan_seconds = time_step(unet, setting, inputs, device, timer)
-                if repetition > 0:
-                    setting.times.append(seconds)
-                    setting.plan_times.append(plan_seconds)
+                setting.times.append(seconds)
+                setting.plan_times.append(plan_seconds)
                 print(f"  {side}px rep {repetition} {setting.label:<26} {seconds:8.3f} s", flush=True)
     tomesd.remove_patch(unet)
     sdmerge.remove(unet)
     return table
 
 
-def markdown(side: int, table: list[Setting]) -> str:
+def markdown(side: int, table: list[Setting], clock: str) -> str:
     base = statistics.median(table[0].times)
     tomesd_median = {s.keep_rate: statistics.median(s.times) for s in table if s.library == "tomesd"}
-    lines = [
-        f"| {side}x{side}, batch {RESOLUTIONS[side]} | median s/step | vs unpatched | sdmerge tome / tomesd | plan share |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
+    header = f"| {side}x{side}, batch {RESOLUTIONS[side]} | median {clock} s/step | vs unpatched |"
+    lines = [header + " sdmerge tome / tomesd | plan share |", "| --- | ---: | ---: | ---: | ---: |"]
     for setting in table:
         median = statistics.median(setting.times)
         versus_tomesd = (
@@ -217,7 +223,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="512x512 only, 1 repetition")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (CPU only, meaningful with --threads 1: "
+        "on a machine shared with other jobs it leaves out the time spent waiting for a core)",
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        parser.error("--clock cpu needs --device cpu and --threads 1")
     if args.quick:
         args.resolutions, args.repetitions = [512], 1
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -228,13 +246,17 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {machine}, {torch.get_num_threads()} threads, {args.dtype}, "
         f"attention processor {processor}, weights {'random SD-1.5 config' if args.unet is None else args.unet}, "
-        f"{args.repetitions} interleaved repetitions after 1 warm-up; load average {os.getloadavg()}",
+        f"{args.repetitions} interleaved repetitions after 1 warm-up, {args.clock} clock; "
+        f"load average {os.getloadavg()}",
         flush=True,
     )
-    tables = [(side, run_resolution(unet, side, args.repetitions, dtype, device)) for side in args.resolutions]
+    tables = [
+        (side, run_resolution(unet, side, args.repetitions, dtype, device, CLOCKS[args.clock]))
+        for side in args.resolutions
+    ]
     print(f"load average at the end {os.getloadavg()}\n")
     for side, table in tables:
-        print(markdown(side, table), end="\n\n")
+        print(markdown(side, table, args.clock), end="\n\n")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,10 @@ def unet_inputs(batch: int = 2, size: int = 16, prompt_tokens: int = 7, seed: in
 
 def sdxl_conditions(batch: int = 2, seed: int = 2) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    return {"text_embeds": torch.randn(batch, CONTEXT_DIM, generator=generator), "time_ids": torch.rand(batch, 6, generator=generator)}
+    return {
+        "text_embeds": torch.randn(batch, CONTEXT_DIM, generator=generator),
+        "time_ids": torch.rand(batch, 6, generator=generator),
+    }
 
 
 def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
