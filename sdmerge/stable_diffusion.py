@@ -84,6 +84,8 @@ class MergeConfig:
             raise TypeError(f"use_rand must be True or False, got {self.use_rand!r}")
         if self.seed is not None:
             _check_int("seed", self.seed)
+        if self.seed is not None and not self.use_rand:
+            raise ValueError(f"seed={self.seed} has no effect with use_rand=False (the split is not random)")
         if method.needs_split:
             # One destination per full window: the sources are at least N (1 - 1/(sx sy)), and
             # exactly that on grids the windows tile, so this bound is reachable on every grid.

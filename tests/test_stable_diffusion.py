@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from types import SimpleNamespace
 
 import pytest
 import tomesd
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 import sdmerge
+from sdmerge import stable_diffusion
 from sdmerge.core import bipartite_soft_matching, cosine_distances, crucial_token_merging, random_2d_split
 from sdmerge.methods import METHODS
 from sdmerge.prompt_importance import PromptAttentionMassProcessor, prompt_attention_mass
@@ -253,9 +254,7 @@ def test_importance_is_previous_prompt_mass_times_value_norm(method, inputs):
     call (cis: uniform weights, i.e. tome; crucial: uniform p)."""
     unet = sd15_unet()
     keep_rate = 0.5
-    sdmerge.apply(unet, method, r=keep_rate, use_rand=False) if method == "cis" else sdmerge.apply(
-        unet, method, r=keep_rate
-    )
+    sdmerge.apply(unet, method, r=keep_rate, **({"use_rand": False} if method in BIPARTITE else {}))
     block = unet.get_submodule(SD15_MERGED[0])
     with Capture(block) as calls:
         forward(unet, *inputs, t=900)
@@ -267,7 +266,7 @@ def test_importance_is_previous_prompt_mass_times_value_norm(method, inputs):
     k = attn2.to_k(first.context).view(B, first.context.shape[1], heads, -1).transpose(1, 2)
     p = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(dim=-1)[..., 1:].sum(dim=-1).mean(dim=1)
 
-    remove = N - int(N * keep_rate)
+    remove = int(N * (1 - keep_rate))
     original = block.attn1.processor.original
     for call, mass in ((first, None), (second, p)):
         with torch.no_grad():
@@ -348,7 +347,7 @@ def test_half_precision_with_an_odd_batch(dtype):
             assert error < 0.02, (method, t, error.item())
 
 
-def test_sdxl_layout_merges_its_first_attention_level():
+def test_sdxl_layout_merges_its_first_attention_level(caplog):
     unet = sdxl_unet()
     sample, context = unet_inputs()
     conditions = sdxl_conditions()
@@ -357,7 +356,9 @@ def test_sdxl_layout_merges_its_first_attention_level():
     torch.testing.assert_close(forward(unet, sample, context, added_cond_kwargs=conditions), base, atol=1e-6, rtol=0)
     tomesd.remove_patch(unet)
 
-    sdmerge.apply(unet, "tome", r=0.5)
+    with caplog.at_level(logging.INFO, logger="sdmerge.stable_diffusion"):
+        sdmerge.apply(unet, "tome", r=0.5)
+    assert "down_blocks.1.attentions.0.transformer_blocks.0" in caplog.text  # says where
     assert merged_blocks(unet) == (
         "down_blocks.1.attentions.0.transformer_blocks.0",
         "down_blocks.1.attentions.1.transformer_blocks.0",
@@ -392,6 +393,8 @@ def test_bad_arguments_raise_clear_errors():
         sdmerge.apply(unet, "atc_average", sx=4)
     with pytest.raises(ValueError, match="seed=3 does not apply to method 'crucial'"):
         sdmerge.apply(unet, "crucial", seed=3)
+    with pytest.raises(ValueError, match="seed=1 has no effect with use_rand=False"):
+        sdmerge.apply(unet, "tome", use_rand=False, seed=1)
     sdmerge.apply(unet, "atc_average", sx=2, use_rand=True)  # the defaults are fine
     with pytest.raises(TypeError, match="unknown option linkage.*accepted: max_downsample, sx, sy, use_rand, seed"):
         sdmerge.apply(unet, "atc_average", linkage="average")
@@ -409,8 +412,6 @@ def test_models_without_a_unet_are_rejected():
         sdmerge.apply(object())
     with pytest.raises(TypeError, match="builtins.object"):
         sdmerge.remove(object())
-    from sdmerge import stable_diffusion
-
     with pytest.raises(TypeError, match=r"SimpleNamespace.*\.unet is a Linear"):
         stable_diffusion.apply(SimpleNamespace(unet=torch.nn.Linear(2, 2)))
     holder = SimpleNamespace(unet=sd15_unet())
