@@ -16,9 +16,10 @@ so it pays for the prompt mass and the value norms.
 
 The table gives the median seconds per step (elapsed, or with ``--clock cpu`` this process's
 CPU time), the ratio to the unpatched UNet, the ratio of sdmerge ``tome`` to tomesd at the
-same setting, and the share of the step spent computing merge plans (sdmerge: grouping, split
-and importance, plus for ``cis`` the prompt attention mass; tomesd: its ``compute_merge``),
-timed around those calls (exact on the CPU; on a GPU each timer synchronises the device).
+same setting (the median of the ratios within each repetition, and their range), and the
+share of the step spent computing merge plans (sdmerge: grouping, split and importance, plus
+for ``cis`` the prompt attention mass; tomesd: its ``compute_merge``), timed around those
+calls (exact on the CPU; on a GPU each timer synchronises the device).
 
 Weights: random, from SD-1.5's UNet config (no download), unless ``--unet`` names a local
 diffusers UNet directory or a pipeline directory (loaded with ``from_pretrained``).
@@ -26,6 +27,7 @@ diffusers UNet directory or a pipeline directory (loaded with ``from_pretrained`
     python scripts/bench_unet.py                          # 512 and 1024, 3 repetitions
     python scripts/bench_unet.py --quick                  # 512 only, 1 repetition
     python scripts/bench_unet.py --resolutions 1024 --repetitions 1 --threads 1 --clock cpu
+    python scripts/bench_unet.py --methods tome --repetitions 7 --threads 1 --clock cpu
     python scripts/bench_unet.py --device cuda --dtype float16
 """
 
@@ -84,11 +86,14 @@ class Setting:
             sdmerge.apply(unet, self.method, r=self.keep_rate)
 
 
-def settings() -> list[Setting]:
+METHODS = ("tome", "atc_average", "cis")
+
+
+def settings(methods=METHODS) -> list[Setting]:
     out = [Setting("unpatched", "none")]
     for keep_rate in (0.5, 0.4):
         out.append(Setting(f"tomesd ratio={1 - keep_rate:.1f}", "tomesd", "tome", keep_rate))
-        for method in ("tome", "atc_average", "cis"):
+        for method in methods:
             out.append(Setting(f"sdmerge {method} r={keep_rate}", "sdmerge", method, keep_rate))
     return out
 
@@ -171,14 +176,16 @@ def time_step(unet, setting: Setting, inputs, device: torch.device, timer: PlanT
     return timer.clock() - start, timer.seconds
 
 
-def run_resolution(unet, side: int, repetitions: int, dtype, device, clock=time.perf_counter) -> list[Setting]:
+def run_resolution(
+    unet, side: int, repetitions: int, dtype, device, clock=time.perf_counter, methods=METHODS
+) -> list[Setting]:
     batch = RESOLUTIONS[side]
     generator = torch.Generator().manual_seed(side)
     latent = side // 8
     sample = torch.randn(batch, 4, latent, latent, generator=generator).to(device=device, dtype=dtype)
     context = torch.randn(batch, PROMPT_TOKENS, unet.config.cross_attention_dim, generator=generator)
     inputs = (sample, context.to(device=device, dtype=dtype))
-    table = settings()
+    table = settings(methods)
     timer = PlanTimer(device, clock)
     with torch.no_grad(), timer.installed():
         table[0].patch(unet)
@@ -197,16 +204,15 @@ def run_resolution(unet, side: int, repetitions: int, dtype, device, clock=time.
 
 def markdown(side: int, table: list[Setting], clock: str) -> str:
     base = statistics.median(table[0].times)
-    tomesd_median = {s.keep_rate: statistics.median(s.times) for s in table if s.library == "tomesd"}
+    tomesd_times = {s.keep_rate: s.times for s in table if s.library == "tomesd"}
     header = f"| {side}x{side}, batch {RESOLUTIONS[side]} | median {clock} s/step | vs unpatched |"
-    lines = [header + " sdmerge tome / tomesd | plan share |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [header + " sdmerge tome / tomesd (range) | plan share |", "| --- | ---: | ---: | ---: | ---: |"]
     for setting in table:
         median = statistics.median(setting.times)
-        versus_tomesd = (
-            f"{median / tomesd_median[setting.keep_rate]:.3f}"
-            if setting.library == "sdmerge" and setting.method == "tome"
-            else ""
-        )
+        versus_tomesd = ""
+        if setting.library == "sdmerge" and setting.method == "tome":  # paired within each repetition
+            ratios = [t / reference for t, reference in zip(setting.times, tomesd_times[setting.keep_rate])]
+            versus_tomesd = f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
         share = statistics.median(p / t for p, t in zip(setting.plan_times, setting.times))
         lines.append(
             f"| {setting.label} | {median:.3f} | {median / base:.3f} | {versus_tomesd} | "
@@ -220,6 +226,7 @@ def main() -> None:
     parser.add_argument("--unet", help="local diffusers UNet or pipeline directory (default: random SD-1.5 weights)")
     parser.add_argument("--resolutions", type=int, nargs="+", choices=sorted(RESOLUTIONS), default=sorted(RESOLUTIONS))
     parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="sdmerge methods to time")
     parser.add_argument("--quick", action="store_true", help="512x512 only, 1 repetition")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
@@ -251,7 +258,7 @@ def main() -> None:
         flush=True,
     )
     tables = [
-        (side, run_resolution(unet, side, args.repetitions, dtype, device, CLOCKS[args.clock]))
+        (side, run_resolution(unet, side, args.repetitions, dtype, device, CLOCKS[args.clock], args.methods))
         for side in args.resolutions
     ]
     print(f"load average at the end {os.getloadavg()}\n")
