@@ -414,7 +414,7 @@ class MergedBlock:
                 f"{self.name}.attn1 was called without its block's input, which sdmerge captures in a pre-hook "
                 "on the block: call the transformer block (or the UNet), not its attention alone"
             )
-        batch_size, num_tokens, _ = hidden_states.shape
+        num_tokens = hidden_states.shape[1]
         remove = tokens_to_remove(num_tokens, self.state.config.keep_rate)
         if remove == 0:
             return None
@@ -445,8 +445,6 @@ class MergedBlock:
         mass = self.cross_attention_mass
         if mass is None and self.state.method.needs_split:
             return None
-        if mass is not None and mass.shape != hidden_states.shape[:2]:
-            raise RuntimeError(f"{self.name}: prompt attention mass {tuple(mass.shape)} does not match the tokens")
         with torch.no_grad():
             return prompt_importance(attn, hidden_states, mass)
 
@@ -455,9 +453,9 @@ class TokenMergingProcessor:
     """``attn1`` processor: merge the tokens, run the original processor on them, unmerge.
 
     ``__call__(attn, hidden_states [B, N, C], **kwargs) -> [B, N, C]``. Everything but
-    ``hidden_states`` goes to the original processor unchanged. diffusers' ``Attention`` passes a
-    processor only the ``cross_attention_kwargs`` its ``__call__`` names; like diffusers' own
-    processors, this one names none.
+    ``hidden_states`` goes to the original processor unchanged. (diffusers' ``Attention`` passes
+    a processor only the ``cross_attention_kwargs`` its ``__call__`` names; this one names none,
+    so such extra arguments for a custom ``attn1`` processor are dropped, and diffusers warns.)
     """
 
     def __init__(self, original, block: MergedBlock):

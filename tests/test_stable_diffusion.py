@@ -247,6 +247,11 @@ def test_prompt_attention_mass_matches_hand_computation():
     assert torch.equal(out, AttnProcessor2_0()(attn, h, encoder_hidden_states=context))
     torch.testing.assert_close(stored[0], prompt_attention_mass(attn, h, context))
 
+    self_attention = Attention(query_dim=16, heads=2, dim_head=4)
+    self_attention.set_processor(PromptAttentionMassProcessor(AttnProcessor2_0(), stored.append))
+    with pytest.raises(TypeError, match="prompt embeddings as one tensor.*got NoneType"):
+        self_attention(h)
+
 
 @pytest.mark.parametrize("method", ["cis", "crucial"])
 def test_importance_is_previous_prompt_mass_times_value_norm(method, inputs):
@@ -438,7 +443,7 @@ def test_attention_that_cannot_be_merged_is_rejected():
     assert merged_blocks(unet) == ()  # a failed apply leaves the UNet unpatched
 
 
-def test_merged_attention_outside_its_block_or_with_a_mask_is_an_error(inputs):
+def test_merged_attention_outside_its_block_or_unet_or_with_a_mask_is_an_error(inputs):
     unet = sd15_unet()
     sdmerge.apply(unet, "atc_average", r=0.5)
     block = unet.get_submodule(SD15_MERGED[0])
@@ -447,3 +452,10 @@ def test_merged_attention_outside_its_block_or_with_a_mask_is_an_error(inputs):
         block.attn1(x)
     with pytest.raises(ValueError, match="self-attention mask"):
         block(x, attention_mask=torch.zeros(2, 1, 256), encoder_hidden_states=inputs[1])
+
+    sdmerge.apply(unet, "tome", r=0.5)  # the split needs the token grid, known from the UNet call
+    with pytest.raises(RuntimeError, match="outside a UNet call"):
+        block(x, encoder_hidden_states=inputs[1])
+    forward(unet, *inputs)
+    with pytest.raises(RuntimeError, match="has 100 tokens, not the 16x16 grid of a 16x16 latent"):
+        block(x[:, :100], encoder_hidden_states=inputs[1])
