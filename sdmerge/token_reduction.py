@@ -1,0 +1,163 @@
+"""Token reduction inside a ViT block, shared by every ViT integration.
+
+A ViT integration patches each block so that, after the attention residual and before the
+MLP (ToMe; ATC section 3), the tokens are reduced:
+
+    x = x + attention(norm1(x), bias=state.attention_bias(dtype))   # records keys (+ A_cls, V)
+    x = state.reduce(block, x)                                       # [B, N, C] -> [B, N - r_l, C]
+    x = x + mlp(norm2(x))
+
+This module holds everything that does not depend on the model library:
+
+* :class:`ReductionConfig`: method, schedule, protected prefix, proportional attention;
+* :class:`ReductionState`: what one forward call carries from block to block (token sizes,
+  provenance of every token) and the attention outputs the reducing block records;
+* :func:`attention_with_probabilities`: attention computed explicitly, for the blocks that
+  need the class-token attention row ``A_cls`` (ToMeCIS eq. 7);
+* :func:`class_importance`: the importance each method uses (ToMeCIS eq. 8, or ``A_cls``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .core import MergePlan, alternating_split, importance_score, proportional_attention_bias
+from .methods import Method
+from .schedule import TokenSchedule, check_schedule
+
+
+def attention_with_probabilities(
+    query: Tensor, key: Tensor, value: Tensor, scaling: float, bias: Tensor | None = None, dropout: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """``softmax(q k^T * scaling + bias) v``, returning the probabilities too.
+
+    Args:
+        query, key, value: ``[B, H, N, Dh]``.
+        bias: additive logit bias broadcastable to ``[B, H, N, N]`` (proportional attention:
+            ``[B, 1, 1, N]`` = ``log(size)``), or ``None``.
+        dropout: dropout probability on the probabilities (0 in eval mode).
+
+    Returns ``(out [B, H, N, Dh], probabilities [B, H, N, N])``; the probabilities are taken
+    before dropout. The arithmetic (softmax in float32, cast back) is that of transformers'
+    eager attention, so both agree bit for bit.
+    """
+    logits = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if bias is not None:
+        logits = logits + bias
+    probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(probabilities, p=dropout, training=dropout > 0)
+    return torch.matmul(weights, value), probabilities
+
+
+def class_importance(method: Method, class_attention: Tensor, values: Tensor) -> Tensor:
+    """Per-token importance ``[B, N]`` (float32) from the class-token attention row.
+
+    Args:
+        class_attention: ``A_cls``, ``[B, H, N]``: the attention the class token pays to every
+            token (ToMeCIS eq. 7), from the block's own attention pass.
+        values: ``[B, H, N, Dh]`` value vectors of the same pass.
+
+    ``cis``: ``S = mean_h(A_cls * ||V||_2)`` (ToMeCIS eq. 8, averaged over heads as the paper
+    says). ``crucial``, ``topk``, ``evit``: ``A_cls`` averaged over heads (MSTM section 3,
+    "Which tokens to use?" section 3.1.2, EViT).
+    """
+    if method.name == "cis":
+        return importance_score(class_attention, values)
+    return class_attention.float().mean(dim=1)
+
+
+@dataclass(frozen=True)
+class ReductionConfig:
+    """What an integration fixes at apply time.
+
+    Args:
+        method: the merging method (:func:`sdmerge.methods.get_method` with ``"vit"``).
+        schedule: removals per block.
+        protected: prefix tokens never merged (class token; DeiT's distillation token).
+        prop_attn: add ``log(size)`` to the attention logits of every block after a reduction.
+    """
+
+    method: Method
+    schedule: TokenSchedule
+    protected: int
+    prop_attn: bool = True
+    _removals: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def removals(self, num_tokens: int) -> tuple[int, ...]:
+        """The checked removals per block for ``num_tokens`` input tokens (cached per count)."""
+        if num_tokens not in self._removals:
+            self._removals[num_tokens] = check_schedule(self.schedule, self.method, num_tokens, self.protected)
+        return self._removals[num_tokens]
+
+
+class ReductionState:
+    """One forward call's reduction state; a new one is made for every call.
+
+    Attributes:
+        removals: tokens removed in each block for this call's token count.
+        sizes: ``[B, N_l]`` float32, original tokens each current token stands for
+            (``None`` until the first reduction: every token is one token).
+        provenance: a :class:`~sdmerge.core.MergePlan` from the ``N_0`` input tokens to the
+            current tokens (``labels [B, N_0]``; ``None`` until the first reduction); its
+            ``merged_sizes`` equal ``sizes``.
+    """
+
+    def __init__(self, config: ReductionConfig, num_tokens: int):
+        self.config = config
+        self.removals = config.removals(num_tokens)
+        self.sizes: Tensor | None = None
+        self.provenance: MergePlan | None = None
+        self._recorded: dict[str, Tensor] = {}
+
+    def is_plain(self, block: int) -> bool:
+        """Whether ``block`` runs exactly as unpatched: no reduction so far and none in it."""
+        return self.sizes is None and self.removals[block] == 0
+
+    def reduces(self, block: int) -> bool:
+        return self.removals[block] > 0
+
+    def needs_class_attention(self, block: int) -> bool:
+        """Whether ``block`` must compute its attention explicitly to record ``A_cls``."""
+        return self.reduces(block) and self.config.method.needs_importance
+
+    def attention_bias(self, dtype: torch.dtype) -> Tensor | None:
+        """``[B, 1, 1, N_l]`` = ``log(sizes)`` for proportional attention, or ``None``."""
+        if not self.config.prop_attn or self.sizes is None:
+            return None
+        return proportional_attention_bias(self.sizes, dtype)
+
+    def record_attention(self, keys: Tensor, values: Tensor, probabilities: Tensor | None = None) -> None:
+        """Keep what the reducing block's attention computed: ``keys``/``values`` ``[B, H, N, Dh]``,
+        ``probabilities`` ``[B, H, N, N]`` (only its class-token row is kept)."""
+        self._recorded = {"keys": keys, "values": values}
+        if probabilities is not None:
+            self._recorded["class_attention"] = probabilities[:, :, 0]
+
+    def reduce(self, block: int, x: Tensor) -> Tensor:
+        """Reduce ``x: [B, N, C]`` to ``[B, N - removals[block], C]`` with the recorded attention.
+
+        Metric: keys averaged over heads (ToMe). Merged tokens are averaged with the method's
+        weights (sizes, or importance for ``cis``/``crucial``/``evit``); sizes add up and the
+        provenance plan is composed with this block's plan.
+        """
+        method, protected = self.config.method, self.config.protected
+        recorded, self._recorded = self._recorded, {}
+        if "keys" not in recorded:
+            raise RuntimeError(f"block {block} reduces tokens but its attention recorded no keys")
+        keys = recorded["keys"]
+        if keys.shape[2] != x.shape[1]:
+            raise RuntimeError(f"block {block}: keys of {keys.shape[2]} tokens for {x.shape[1]} hidden tokens")
+        importance = None
+        if method.needs_importance:
+            importance = class_importance(method, recorded["class_attention"], recorded["values"])
+        split = alternating_split(x.shape[1], protected, device=x.device) if method.needs_split else None
+        plan = method.plan(
+            keys.mean(dim=1), self.removals[block], protected=protected, sizes=self.sizes, importance=importance, split=split
+        )
+        x = plan.merge(x, weights=method.weights(self.sizes, importance))
+        self.sizes = plan.merged_sizes
+        self.provenance = plan if self.provenance is None else self.provenance.then(plan)
+        return x
