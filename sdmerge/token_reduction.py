@@ -139,7 +139,7 @@ class ReductionState:
     def reduce(self, block: int, x: Tensor) -> Tensor:
         """Reduce ``x: [B, N, C]`` to ``[B, N - removals[block], C]`` with the recorded attention.
 
-        Metric: keys averaged over heads (ToMe). Merged tokens are averaged with the method's
+        Metric: keys averaged over heads (ToMe), ``[B, N, Dh]``. Merged tokens are averaged with the method's
         weights (sizes, or importance for ``cis``/``crucial``/``evit``); sizes add up and the
         provenance plan is composed with this block's plan.
         """
@@ -154,8 +154,9 @@ class ReductionState:
         if method.needs_importance:
             importance = class_importance(method, recorded["class_attention"], recorded["values"])
         split = alternating_split(x.shape[1], protected, device=x.device) if method.needs_split else None
+        metric = keys.mean(dim=1).detach()  # grouping is a discrete choice: no gradient through it
         plan = method.plan(
-            keys.mean(dim=1), self.removals[block], protected=protected, sizes=self.sizes, importance=importance, split=split
+            metric, self.removals[block], protected=protected, sizes=self.sizes, importance=importance, split=split
         )
         x = plan.merge(x, weights=method.weights(self.sizes, importance))
         self.sizes = plan.merged_sizes
