@@ -2,23 +2,23 @@
 
 Every integration module exposes ``accepts(model) -> bool``, ``apply(model, method, r,
 **options) -> model`` and ``remove(model) -> None``; the first integration that accepts the
-model handles it. What ``r`` (the keep rate) and the options mean depends on the family:
+model handles it (for error messages, an integration may describe what it accepts in a
+``SUPPORTED`` string). What ``r`` (the keep rate) and the options mean depends on the family:
 ``docs/vit.md`` for ViT/DeiT classifiers.
 """
 
 from __future__ import annotations
 
-from . import vit
+from . import timm_vit, vit
 from .schedule import DEFAULT_KEEP_RATE
 
-INTEGRATIONS = (vit,)
+INTEGRATIONS = (vit, timm_vit)
 """The integrations, in the order they are asked."""
 
 
 def _supported_names(integration) -> str:
-    """What an integration accepts, for error messages: its ``SUPPORTED_CLASSES`` if it lists them."""
-    classes = getattr(integration, "SUPPORTED_CLASSES", ())
-    return ", ".join(cls.__name__ for cls in classes) or integration.__name__
+    """What an integration accepts, for error messages: its ``SUPPORTED`` text, else its name."""
+    return getattr(integration, "SUPPORTED", integration.__name__)
 
 
 def _integration_for(model):

@@ -129,12 +129,23 @@ class ReductionState:
             return None
         return proportional_attention_bias(self.sizes, dtype)
 
-    def record_attention(self, keys: Tensor, values: Tensor, probabilities: Tensor | None = None) -> None:
-        """Keep what the reducing block's attention computed: ``keys``/``values`` ``[B, H, N, Dh]``,
-        ``probabilities`` ``[B, H, N, N]`` (only its class-token row is kept)."""
-        self._recorded = {"keys": keys, "values": values}
-        if probabilities is not None:
-            self._recorded["class_attention"] = probabilities[:, :, 0]
+    def attend(self, block: int, query: Tensor, key: Tensor, value: Tensor, scaling: float, bias, dropout: float, standard):
+        """The attention of ``block``: ``(out [B, H, N, Dh], probabilities [B, H, N, N] or None)``.
+
+        ``query``/``key``/``value``: ``[B, H, N, Dh]``; ``bias``: :meth:`attention_bias`. A reducing
+        block whose method needs ``A_cls`` computes the attention explicitly
+        (:func:`attention_with_probabilities`); every other block calls ``standard()``, the
+        model's own attention with ``bias`` as its additive mask. A reducing block records its
+        keys, values and (if computed) class-token attention row for :meth:`reduce`.
+        """
+        if self.needs_class_attention(block):
+            out, probabilities = attention_with_probabilities(query, key, value, scaling, bias, dropout)
+            self._recorded = {"keys": key, "values": value, "class_attention": probabilities[:, :, 0]}
+            return out, probabilities
+        out, probabilities = standard()
+        if self.reduces(block):
+            self._recorded = {"keys": key, "values": value}
+        return out, probabilities
 
     def reduce(self, block: int, x: Tensor) -> Tensor:
         """Reduce ``x: [B, N, C]`` to ``[B, N - removals[block], C]`` with the recorded attention.

@@ -42,7 +42,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .methods import get_method
 from .schedule import DEFAULT_KEEP_RATE, make_schedule
-from .token_reduction import ReductionConfig, ReductionState, attention_with_probabilities
+from .token_reduction import ReductionConfig, ReductionState
 
 SUPPORTED_CLASSES = (
     ViTModel,
@@ -51,6 +51,7 @@ SUPPORTED_CLASSES = (
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
 )
+SUPPORTED = ", ".join(cls.__name__ for cls in SUPPORTED_CLASSES)
 BIAS_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 """``config._attn_implementation`` values whose attention adds a float mask to the logits."""
 
@@ -103,8 +104,7 @@ def apply(
     can make at the model's token count. Applying again replaces the previous patch.
     """
     if not accepts(model):
-        names = ", ".join(c.__name__ for c in SUPPORTED_CLASSES)
-        raise TypeError(f"sdmerge.vit supports {names}; got {type(model).__name__}")
+        raise TypeError(f"sdmerge.vit supports {SUPPORTED}; got {type(model).__name__}")
     if not isinstance(prop_attn, bool):
         raise ValueError(f"prop_attn={prop_attn!r} must be True or False")
     chosen = get_method(method, "vit")
@@ -226,17 +226,16 @@ class _AttentionForward:
         key = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
         dropout = attn.attention_dropout if attn.training else 0.0
-        if state.needs_class_attention(self.block):
-            out, probabilities = attention_with_probabilities(query, key, value, attn.scaling, attention_mask, dropout)
-            out = out.transpose(1, 2)
-            state.record_attention(key, value, probabilities)
-        else:
+
+        def standard():
             implementation = attn.config._attn_implementation
             check_attention_implementation(implementation, attention_mask is not None)
             function = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self.eager)
             out, probabilities = function(
                 attn, query, key, value, attention_mask, dropout=dropout, scaling=attn.scaling, **kwargs
             )
-            if state.reduces(self.block):
-                state.record_attention(key, value)
+            return out.transpose(1, 2), probabilities  # transformers returns [B, N, H, Dh]
+
+        out, probabilities = state.attend(self.block, query, key, value, attn.scaling, attention_mask, dropout, standard)
+        out = out.transpose(1, 2)
         return attn.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), probabilities
