@@ -26,12 +26,11 @@ import sys
 import torch
 from torch import nn
 
-from .methods import get_method
-from .schedule import DEFAULT_KEEP_RATE, make_schedule
+from .model_patch import ModelPatch, latest_state, remove_patch
+from .schedule import DEFAULT_KEEP_RATE
 from .token_reduction import ReductionConfig, ReductionState, attention_with_probabilities
 
 SUPPORTED = "timm VisionTransformer (with timm installed)"
-_PATCH_ATTRIBUTE = "_sdmerge_patch"
 _MEAN_POOLS = ("avg", "avgmax")
 _MODEL_PARTS = ("blocks", "norm_pre", "patch_embed", "pool", "global_pool", "attn_pool", "num_prefix_tokens",
                 "has_class_token", "pool_include_prefix")
@@ -64,10 +63,37 @@ def apply(
     """Patch a timm ``VisionTransformer`` in place; options as :func:`sdmerge.vit.apply`."""
     if not accepts(model):
         raise TypeError(f"sdmerge.timm_vit supports timm VisionTransformer models; got {type(model).__name__}")
-    if not isinstance(prop_attn, bool):
-        raise ValueError(f"prop_attn={prop_attn!r} must be True or False")
-    chosen = get_method(method, "vit")
+    _check_model(model)
+    config = ReductionConfig.from_options(
+        method, len(model.blocks), model.patch_embed.num_patches + model.num_prefix_tokens, model.num_prefix_tokens, r,
+        stages=stages, tokens_per_block=tokens_per_block, schedule=schedule, prop_attn=prop_attn,
+    )
+    if config.method.needs_importance and not model.has_class_token:
+        raise ValueError(f"method {method!r} ranks tokens by class-token attention; this model has no class token")
     remove(model)
+    # norm_pre runs once per call on the embedded tokens (prefix included), whatever runs the blocks
+    patch = ModelPatch(model, config, model.norm_pre)
+    for index, block in enumerate(model.blocks):
+        patch.replace(block.attn, "forward", _AttentionForward(patch, block.attn, index))
+        patch.replace(block, "forward", _BlockForward(patch, block, index))
+    patch.replace(model, "pool", _SizeWeightedPool(patch, model))
+    return model
+
+
+def remove(model) -> None:
+    """Undo :func:`apply` (original forwards, no hooks). No-op if not patched."""
+    remove_patch(model)
+
+
+def reduction_state(model) -> ReductionState | None:
+    """The reduction state of the latest forward call (see :func:`sdmerge.vit.reduction_state`)."""
+    return latest_state(model)
+
+
+def _check_model(model) -> None:
+    missing = [a for a in _MODEL_PARTS if not hasattr(model, a)]
+    if missing:
+        raise TypeError(f"this timm version's VisionTransformer lacks {', '.join(missing)}; sdmerge needs timm >= 1.0")
     _, block_class, attention_class = _timm_classes()
     for index, block in enumerate(model.blocks):
         if type(block) is not block_class or type(block.attn) is not attention_class:
@@ -75,72 +101,14 @@ def apply(
                 f"block {index} is {type(block).__name__} with {type(block.attn).__name__}; sdmerge supports timm's "
                 "pre-norm Block with timm's Attention"
             )
-    missing = [a for a in _MODEL_PARTS if not hasattr(model, a)]
-    if missing:
-        raise TypeError(f"this timm version's VisionTransformer lacks {', '.join(missing)}; sdmerge needs timm >= 1.0")
     if model.attn_pool is not None:
         raise TypeError(f"attention pooling (global_pool={model.global_pool!r}) over merged tokens is not supported")
-    protected = model.num_prefix_tokens
-    if chosen.needs_importance and not model.has_class_token:
-        raise ValueError(f"method {chosen.name!r} ranks tokens by class-token attention; this model has no class token")
-    token_schedule = make_schedule(
-        len(model.blocks), r, stages=stages, tokens_per_block=tokens_per_block, schedule=schedule
-    )
-    config = ReductionConfig(chosen, token_schedule, protected, prop_attn)
-    config.removals(model.patch_embed.num_patches + protected)  # validate now, not at the first call
-    setattr(model, _PATCH_ATTRIBUTE, _TimmPatch(model, config))
-    return model
-
-
-def remove(model) -> None:
-    """Undo :func:`apply` (original forwards, no hooks). No-op if not patched."""
-    patch = model.__dict__.get(_PATCH_ATTRIBUTE)
-    if patch is not None:
-        patch.uninstall()
-        delattr(model, _PATCH_ATTRIBUTE)
-
-
-def reduction_state(model) -> ReductionState | None:
-    """The reduction state of the latest forward call (see :func:`sdmerge.vit.reduction_state`)."""
-    patch = model.__dict__.get(_PATCH_ATTRIBUTE)
-    if patch is None:
-        raise ValueError(f"{type(model).__name__} is not patched by sdmerge")
-    return patch.state
-
-
-class _TimmPatch:
-    def __init__(self, model, config: ReductionConfig):
-        self.config = config
-        self.state: ReductionState | None = None
-        self._replaced: list[tuple[nn.Module, str, object]] = []
-        # norm_pre runs once per call on the embedded tokens (prefix included), whatever runs the blocks
-        self._hook = model.norm_pre.register_forward_hook(self._start_call)
-        for index, block in enumerate(model.blocks):
-            self._replace(block.attn, "forward", _AttentionForward(self, block.attn, index))
-            self._replace(block, "forward", _BlockForward(self, block, index))
-        self._replace(model, "pool", _SizeWeightedPool(self, model))
-
-    def _start_call(self, module, args, tokens) -> None:
-        self.state = ReductionState(self.config, tokens.shape[1])
-
-    def _replace(self, module: nn.Module, name: str, value) -> None:
-        self._replaced.append((module, name, module.__dict__.get(name)))
-        setattr(module, name, value)
-
-    def uninstall(self) -> None:
-        self._hook.remove()
-        for module, name, previous in reversed(self._replaced):
-            if previous is None:
-                delattr(module, name)
-            else:
-                setattr(module, name, previous)
-        self._replaced.clear()
 
 
 class _BlockForward:
     """timm ``Block`` forward with a reduction between the attention residual and the MLP."""
 
-    def __init__(self, patch: _TimmPatch, block: nn.Module, index: int):
+    def __init__(self, patch: ModelPatch, block: nn.Module, index: int):
         self.patch, self.block, self.index = patch, block, index
         self.original = block.forward
 
@@ -160,7 +128,7 @@ class _AttentionForward:
     """timm ``Attention`` forward: timm's own code outside reducing blocks; in reducing blocks
     the same computation, recording keys, values (and ``A_cls``)."""
 
-    def __init__(self, patch: _TimmPatch, attention: nn.Module, index: int):
+    def __init__(self, patch: ModelPatch, attention: nn.Module, index: int):
         self.patch, self.attention, self.index = patch, attention, index
         self.original = attention.forward
 
@@ -191,7 +159,7 @@ class _AttentionForward:
 class _SizeWeightedPool:
     """``VisionTransformer.pool`` with mean pooling weighted by token sizes after merging."""
 
-    def __init__(self, patch: _TimmPatch, model: nn.Module):
+    def __init__(self, patch: ModelPatch, model: nn.Module):
         self.patch, self.model = patch, model
         self.original = model.pool
 

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from .core import MergePlan, alternating_split, importance_score, proportional_attention_bias
-from .methods import Method
-from .schedule import TokenSchedule, check_schedule
+from .methods import Method, get_method
+from .schedule import TokenSchedule, check_schedule, make_schedule
 
 
 def attention_with_probabilities(
@@ -85,6 +85,24 @@ class ReductionConfig:
     protected: int
     prop_attn: bool = True
     _removals: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_options(
+        cls, method: str, depth: int, num_tokens: int, protected: int, r, *, stages, tokens_per_block, schedule, prop_attn
+    ) -> "ReductionConfig":
+        """Check the user's options of ``sdmerge.apply`` for a ``depth``-block model with
+        ``num_tokens`` input tokens (``protected`` of them prefix tokens) and build the config.
+
+        Raises ``ValueError`` for an unknown method, an invalid or ambiguous schedule
+        (:func:`~sdmerge.schedule.make_schedule`), or one the method cannot follow at ``num_tokens``.
+        """
+        if not isinstance(prop_attn, bool):
+            raise ValueError(f"prop_attn={prop_attn!r} must be True or False")
+        chosen = get_method(method, "vit")
+        token_schedule = make_schedule(depth, r, stages=stages, tokens_per_block=tokens_per_block, schedule=schedule)
+        config = cls(chosen, token_schedule, protected, prop_attn)
+        config.removals(num_tokens)  # validate now, not at the first call
+        return config
 
     def removals(self, num_tokens: int) -> tuple[int, ...]:
         """The checked removals per block for ``num_tokens`` input tokens (cached per count)."""

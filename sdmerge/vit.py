@@ -40,8 +40,8 @@ from transformers import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .methods import get_method
-from .schedule import DEFAULT_KEEP_RATE, make_schedule
+from .model_patch import ModelPatch, latest_state, remove_patch
+from .schedule import DEFAULT_KEEP_RATE
 from .token_reduction import ReductionConfig, ReductionState
 
 SUPPORTED_CLASSES = (
@@ -57,7 +57,6 @@ BIAS_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
 _LAYER_PARTS = ("layernorm_before", "attention", "dropout", "layernorm_after", "mlp")
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "attention_dropout", "config")
-_PATCH_ATTRIBUTE = "_sdmerge_patch"
 
 
 def accepts(model) -> bool:
@@ -101,43 +100,36 @@ def apply(
 
     Raises ``TypeError`` for an unsupported model and ``ValueError`` for an unknown method, an
     ambiguous or invalid schedule, or one that asks a block for more removals than the method
-    can make at the model's token count. Applying again replaces the previous patch.
+    can make at the model's token count. Applying again replaces the previous patch; a
+    request that fails leaves the model as it was.
     """
     if not accepts(model):
         raise TypeError(f"sdmerge.vit supports {SUPPORTED}; got {type(model).__name__}")
-    if not isinstance(prop_attn, bool):
-        raise ValueError(f"prop_attn={prop_attn!r} must be True or False")
-    chosen = get_method(method, "vit")
-    remove(model)
     base = model.base_model
     layers = _checked_layers(base)
     protected = 2 if isinstance(base, DeiTModel) else 1  # DeiTEmbeddings always add a distillation token
-    token_schedule = make_schedule(
-        len(layers), r, stages=stages, tokens_per_block=tokens_per_block, schedule=schedule
+    config = ReductionConfig.from_options(
+        method, len(layers), base.embeddings.patch_embeddings.num_patches + protected, protected, r,
+        stages=stages, tokens_per_block=tokens_per_block, schedule=schedule, prop_attn=prop_attn,
     )
     check_attention_implementation(base.config._attn_implementation, prop_attn)
-    config = ReductionConfig(chosen, token_schedule, protected, prop_attn)
-    config.removals(base.embeddings.patch_embeddings.num_patches + protected)  # validate now, not at the first call
-    setattr(base, _PATCH_ATTRIBUTE, _ViTPatch(base, layers, config))
+    remove(model)
+    patch = ModelPatch(base, config, base.embeddings)
+    for block, layer in enumerate(layers):
+        patch.replace(layer.attention, "forward", _AttentionForward(patch, layer.attention, block))
+        patch.replace(layer, "forward", _LayerForward(patch, layer, block))
     return model
 
 
 def remove(model) -> None:
     """Undo :func:`apply`: original forwards, no hooks, bit-identical outputs. No-op if not patched."""
-    base = model.base_model
-    patch = base.__dict__.get(_PATCH_ATTRIBUTE)
-    if patch is not None:
-        patch.uninstall()
-        delattr(base, _PATCH_ATTRIBUTE)
+    remove_patch(model.base_model)
 
 
 def reduction_state(model) -> ReductionState | None:
     """The reduction state of the model's latest forward call (token ``sizes`` ``[B, N_L]`` and
     ``provenance``), or ``None`` before the first call; raises if ``model`` is not patched."""
-    patch = model.base_model.__dict__.get(_PATCH_ATTRIBUTE)
-    if patch is None:
-        raise ValueError(f"{type(model).__name__} is not patched by sdmerge")
-    return patch.state
+    return latest_state(model.base_model)
 
 
 def _checked_layers(base) -> nn.ModuleList:
@@ -160,39 +152,10 @@ def _checked_layers(base) -> nn.ModuleList:
     return layers
 
 
-class _ViTPatch:
-    """The installed patch: the state of the latest call, and how to undo everything."""
-
-    def __init__(self, base, layers: nn.ModuleList, config: ReductionConfig):
-        self.config = config
-        self.state: ReductionState | None = None
-        self._replaced: list[tuple[nn.Module, object]] = []  # (module, its previous instance forward or None)
-        self._hook = base.embeddings.register_forward_hook(self._start_call)
-        for block, layer in enumerate(layers):
-            self._replace_forward(layer.attention, _AttentionForward(self, layer.attention, block))
-            self._replace_forward(layer, _LayerForward(self, layer, block))
-
-    def _start_call(self, module, args, embeddings) -> None:
-        self.state = ReductionState(self.config, embeddings.shape[1])
-
-    def _replace_forward(self, module: nn.Module, forward) -> None:
-        self._replaced.append((module, module.__dict__.get("forward")))
-        module.forward = forward
-
-    def uninstall(self) -> None:
-        self._hook.remove()
-        for module, previous in reversed(self._replaced):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
-        self._replaced.clear()
-
-
 class _LayerForward:
     """``ViTLayer``/``DeiTLayer`` forward with a reduction between attention and MLP."""
 
-    def __init__(self, patch: _ViTPatch, layer: nn.Module, block: int):
+    def __init__(self, patch: ModelPatch, layer: nn.Module, block: int):
         self.patch, self.layer, self.block = patch, layer, block
         self.original = layer.forward
 
@@ -215,7 +178,7 @@ class _AttentionForward:
     """``ViTAttention``/``DeiTAttention`` forward that takes the proportional-attention bias as
     its mask and records keys (and ``A_cls``, values) in reducing blocks."""
 
-    def __init__(self, patch: _ViTPatch, attention: nn.Module, block: int):
+    def __init__(self, patch: ModelPatch, attention: nn.Module, block: int):
         self.patch, self.attention, self.block = patch, attention, block
         self.eager = inspect.getmodule(type(attention)).eager_attention_forward
 
