@@ -28,7 +28,7 @@ from torch import nn
 
 from .model_patch import ModelPatch, latest_state, remove_patch
 from .schedule import DEFAULT_KEEP_RATE
-from .token_reduction import ReductionConfig, ReductionState, attention_with_probabilities
+from .token_reduction import ReductionConfig, ReductionState
 
 SUPPORTED = "timm VisionTransformer (with timm installed)"
 _MEAN_POOLS = ("avg", "avgmax")
@@ -147,9 +147,11 @@ class _AttentionForward:
             if attn.fused_attn:
                 fused = torch.nn.functional.scaled_dot_product_attention
                 return fused(query, key, value, attn_mask=attn_mask, dropout_p=dropout), None
-            return attention_with_probabilities(query, key, value, attn.scale, attn_mask, dropout)
+            logits = (query * attn.scale) @ key.transpose(-2, -1)  # timm's unfused arithmetic
+            probabilities = (logits if attn_mask is None else logits + attn_mask).softmax(dim=-1)
+            return attn.attn_drop(probabilities) @ value, probabilities
 
-        out, _ = state.attend(self.index, query, key, value, attn.scale, attn_mask, dropout, standard)
+        out, _ = state.attend(self.index, query, key, value, attn.scale, attn_mask, standard)
         out = attn.norm(out.transpose(1, 2).reshape(B, N, -1))
         if gate is not None:
             out = out * gate

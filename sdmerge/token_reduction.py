@@ -12,8 +12,7 @@ This module holds everything that does not depend on the model library:
 * :class:`ReductionConfig`: method, schedule, protected prefix, proportional attention;
 * :class:`ReductionState`: what one forward call carries from block to block (token sizes,
   provenance of every token) and the attention outputs the reducing block records;
-* :func:`attention_with_probabilities`: attention computed explicitly, for the blocks that
-  need the class-token attention row ``A_cls`` (ToMeCIS eq. 7);
+* :func:`class_token_attention`: the class-token attention row ``A_cls`` (ToMeCIS eq. 7);
 * :func:`class_importance`: the importance each method uses (ToMeCIS eq. 8, or ``A_cls``).
 """
 
@@ -29,27 +28,22 @@ from .methods import Method, get_method
 from .schedule import TokenSchedule, check_schedule, make_schedule
 
 
-def attention_with_probabilities(
-    query: Tensor, key: Tensor, value: Tensor, scaling: float, bias: Tensor | None = None, dropout: float = 0.0
-) -> tuple[Tensor, Tensor]:
-    """``softmax(q k^T * scaling + bias) v``, returning the probabilities too.
+def class_token_attention(query: Tensor, key: Tensor, scaling: float, bias: Tensor | None = None) -> Tensor:
+    """``A_cls = softmax(q_cls k^T * scaling + bias)``: the class token's attention row (ToMeCIS eq. 7).
 
     Args:
-        query, key, value: ``[B, H, N, Dh]``.
-        bias: additive logit bias broadcastable to ``[B, H, N, N]`` (proportional attention:
-            ``[B, 1, 1, N]`` = ``log(size)``), or ``None``.
-        dropout: dropout probability on the probabilities (0 in eval mode).
+        query, key: ``[B, H, N, Dh]``; the class token is token 0.
+        bias: the additive logit bias of the block's attention (proportional attention:
+            ``[B, 1, 1, N]``), or ``None``.
 
-    Returns ``(out [B, H, N, Dh], probabilities [B, H, N, N])``; the probabilities are taken
-    before dropout. The arithmetic (softmax in float32, cast back) is that of transformers'
-    eager attention, so both agree bit for bit.
+    Returns ``[B, H, N]`` float32, equal to row 0 of the block's attention probabilities up to
+    round-off. Only this row is computed (``N`` logits per head, not ``N^2``), so the block's
+    own attention can stay fused.
     """
-    logits = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    logits = torch.matmul(query[:, :, :1], key.transpose(-1, -2)) * scaling  # [B, H, 1, N]
     if bias is not None:
         logits = logits + bias
-    probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = torch.nn.functional.dropout(probabilities, p=dropout, training=dropout > 0)
-    return torch.matmul(weights, value), probabilities
+    return torch.softmax(logits, dim=-1, dtype=torch.float32)[:, :, 0]
 
 
 def class_importance(method: Method, class_attention: Tensor, values: Tensor) -> Tensor:
@@ -137,32 +131,25 @@ class ReductionState:
     def reduces(self, block: int) -> bool:
         return self.removals[block] > 0
 
-    def needs_class_attention(self, block: int) -> bool:
-        """Whether ``block`` must compute its attention explicitly to record ``A_cls``."""
-        return self.reduces(block) and self.config.method.needs_importance
-
     def attention_bias(self, dtype: torch.dtype) -> Tensor | None:
         """``[B, 1, 1, N_l]`` = ``log(sizes)`` for proportional attention, or ``None``."""
         if not self.config.prop_attn or self.sizes is None:
             return None
         return proportional_attention_bias(self.sizes, dtype)
 
-    def attend(self, block: int, query: Tensor, key: Tensor, value: Tensor, scaling: float, bias, dropout: float, standard):
-        """The attention of ``block``: ``(out [B, H, N, Dh], probabilities [B, H, N, N] or None)``.
+    def attend(self, block: int, query: Tensor, key: Tensor, value: Tensor, scaling: float, bias, standard):
+        """The attention of ``block``: ``standard()``, the model's own attention with ``bias`` as its
+        additive mask, returning ``(out, probabilities or None)``.
 
         ``query``/``key``/``value``: ``[B, H, N, Dh]``; ``bias``: :meth:`attention_bias`. A reducing
-        block whose method needs ``A_cls`` computes the attention explicitly
-        (:func:`attention_with_probabilities`); every other block calls ``standard()``, the
-        model's own attention with ``bias`` as its additive mask. A reducing block records its
-        keys, values and (if computed) class-token attention row for :meth:`reduce`.
+        block records its keys and values, and for the methods that need it the class token's
+        attention row (:func:`class_token_attention`, same logits and bias), for :meth:`reduce`.
         """
-        if self.needs_class_attention(block):
-            out, probabilities = attention_with_probabilities(query, key, value, scaling, bias, dropout)
-            self._recorded = {"keys": key, "values": value, "class_attention": probabilities[:, :, 0]}
-            return out, probabilities
         out, probabilities = standard()
         if self.reduces(block):
             self._recorded = {"keys": key, "values": value}
+            if self.config.method.needs_importance:
+                self._recorded["class_attention"] = class_token_attention(query, key, scaling, bias)
         return out, probabilities
 
     def reduce(self, block: int, x: Tensor) -> Tensor:

@@ -20,8 +20,8 @@ get an instance ``forward``; a forward hook on the embeddings starts a new
 The proportional-attention bias goes to the attention function of the model's
 ``config._attn_implementation`` as its additive mask; ``eager`` and ``sdpa`` add it to the
 logits, other implementations (flash attention) cannot take it, so ``prop_attn=True`` is
-refused for them. A reducing block whose method needs the class-token attention row computes
-its attention explicitly (:func:`~sdmerge.token_reduction.attention_with_probabilities`).
+refused for them. A reducing block whose method needs the class-token attention row also
+computes that row (:func:`~sdmerge.token_reduction.class_token_attention`).
 Class-token (and distillation-token) read-outs need no change: protected tokens keep
 positions 0 and 1. ``last_hidden_state`` has the reduced token count.
 """
@@ -199,6 +199,6 @@ class _AttentionForward:
             )
             return out.transpose(1, 2), probabilities  # transformers returns [B, N, H, Dh]
 
-        out, probabilities = state.attend(self.block, query, key, value, attn.scaling, attention_mask, dropout, standard)
+        out, probabilities = state.attend(self.block, query, key, value, attn.scaling, attention_mask, standard)
         out = out.transpose(1, 2)
         return attn.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), probabilities

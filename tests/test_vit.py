@@ -230,30 +230,33 @@ def test_proportional_attention_adds_log_size_to_the_logits(attn, prop_attn):
 
 
 def test_log_size_bias_equals_duplicated_keys():
-    """softmax with key j counted s_j times == softmax with + log(s_j): the meaning of proportional attention."""
-    from sdmerge.token_reduction import attention_with_probabilities
+    """Attention with key j counted s_j times == attention with + log(s_j): the meaning of proportional
+    attention, for the fused attention the bias is given to and for the class-token row."""
+    from sdmerge.token_reduction import class_token_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
     sizes = torch.tensor([[1, 3, 1, 2, 1], [2, 1, 1, 1, 4]], dtype=torch.float64)
-    out, _ = attention_with_probabilities(q, k, v, 0.5, sizes.log()[:, None, None, :])
+    bias = sizes.log()[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.5)
+    row = class_token_attention(q, k, 0.5, bias)  # [2, 3, 5]
     for b in range(2):
         repeats = sizes[b].long()
-        kd, vd = k[b].repeat_interleave(repeats, dim=1), v[b].repeat_interleave(repeats, dim=1)
-        duplicated, _ = attention_with_probabilities(q[b : b + 1], kd[None], vd[None], 0.5)
-        torch.testing.assert_close(out[b : b + 1], duplicated)
+        kd, vd = k[b : b + 1].repeat_interleave(repeats, dim=2), v[b : b + 1].repeat_interleave(repeats, dim=2)
+        torch.testing.assert_close(out[b : b + 1], torch.nn.functional.scaled_dot_product_attention(q[b : b + 1], kd, vd, scale=0.5))
+        duplicated = ((q[b : b + 1, :, :1] @ kd.transpose(-1, -2)) * 0.5).softmax(dim=-1)[:, :, 0]  # [1, 3, 13]
+        owner = torch.arange(5).repeat_interleave(repeats)
+        summed = torch.zeros(1, 3, 5, dtype=torch.float64).index_add_(2, owner, duplicated)
+        torch.testing.assert_close(row[b : b + 1].double(), summed)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_explicit_attention_of_reducing_blocks_matches_the_standard_path(attn):
+@pytest.mark.parametrize("method", ["cis", "tome"])
+def test_reducing_blocks_run_the_models_own_attention(attn, method):
     model, x = tiny(ViTForImageClassification, attn=attn), images()
     standard = layer_io(model, 2, x)["attn_out"]
-    sdmerge.apply(model, "cis", r=0.7, stages=(2,))  # block 2 computes A_cls explicitly, blocks 0-1 are plain
-    explicit = layer_io(model, 2, x)["attn_out"]
-    if attn == "eager":
-        assert torch.equal(explicit, standard)
-    else:
-        torch.testing.assert_close(explicit, standard, rtol=1e-6, atol=1e-6)
+    sdmerge.apply(model, method, r=0.7, stages=(2,))  # block 2 reduces (cis: also reads A_cls), blocks 0-1 are plain
+    assert torch.equal(layer_io(model, 2, x)["attn_out"], standard)
 
 
 # --- ATC, protected tokens, provenance ---------------------------------------------------------
