@@ -412,3 +412,21 @@ def test_selection_methods_rank_tokens_by_class_attention(method):
             assert len(rest) == 1  # the 5 least attended tokens are fused into one
         else:  # crucial: every group holds exactly one of the most attended tokens
             assert sorted(groups[i] for i in top) == sorted(set(groups.values()))
+
+
+def test_class_attention_of_later_blocks_includes_the_size_bias(monkeypatch):
+    import sdmerge.token_reduction as token_reduction
+
+    model, x = tiny(ViTForImageClassification), images()
+    seen_rows = []
+    original = token_reduction.class_importance
+    monkeypatch.setattr(
+        token_reduction, "class_importance", lambda m, row, v: seen_rows.append(row) or original(m, row, v)
+    )
+    sdmerge.apply(model, "cis", r=0.75, stages=(0, 2))
+    seen = layer_io(model, 2, x)
+    bias = seen["attn_mask"]  # log(sizes) after block 0, given to block 2's attention
+    assert bias is not None and bias.max() > 0
+    _, probabilities, _, _ = hand_attention(model.base_model.layers[2].attention, seen["attn_in"], bias)
+    assert len(seen_rows) == 2
+    torch.testing.assert_close(seen_rows[1], probabilities[:, :, 0].float(), rtol=1e-5, atol=1e-6)
