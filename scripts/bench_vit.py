@@ -12,7 +12,9 @@ values for its cost, except ATC, whose number of clustering rounds depends on th
 Settings per method: ToMe's 13 tokens per block, and the stage protocol at keep rates 0.7 and
 0.5 (blocks 3, 6, 9). Repetitions are interleaved (every repetition runs every variant once, in
 a rotating order) after one untimed warm-up call per variant; the table reports the median
-seconds per batch and the ratio of the unpatched median to the variant's median.
+seconds per batch and the ratio of the unpatched median to the variant's median. On a shared
+machine, ``--threads 1 --clock cpu`` times the process's CPU time, which other tenants'
+load disturbs far less than wall time.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def build(name: str, attn_implementation: str) -> ViTForImageClassification:
     return ViTForImageClassification(config).eval()
 
 
-def benchmark(model, variants: list[Variant], batch_size: int, repetitions: int) -> list[list[float]]:
+def benchmark(model, variants: list[Variant], batch_size: int, repetitions: int, clock: str) -> list[list[float]]:
     """Seconds per batch ``[variant][repetition]``, interleaved, after one warm-up call each."""
     pixel_values = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     times = [[] for _ in variants]
@@ -57,7 +59,7 @@ def benchmark(model, variants: list[Variant], batch_size: int, repetitions: int)
         for rep in range(repetitions):
             for i in np.roll(np.arange(len(variants)), rep):
                 variants[i].install(model)
-                times[i].append(timed_forward(model, pixel_values)[1])
+                times[i].append(timed_forward(model, pixel_values, clock)[1])
     variants[0].install(model)
     return times
 
@@ -70,16 +72,22 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--attn-implementation", choices=["sdpa", "eager"], default="sdpa")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or this process's CPU time (robust on a shared machine; use with --threads 1)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.models, args.methods, args.repetitions = ["DeiT-S"], ["tome", "cis"], 3
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch_size}, float32, attention {args.attn_implementation}, {args.repetitions} repetitions")
+          f"batch {args.batch_size}, float32, attention {args.attn_implementation}, {args.repetitions} repetitions, "
+          f"{args.clock} clock")
     for name in args.models:
         model = build(name, args.attn_implementation)
         variants = [Variant(None)] + [Variant(m, s) for m in args.methods for s in SETTINGS]
-        times = benchmark(model, variants, args.batch_size, args.repetitions)
+        times = benchmark(model, variants, args.batch_size, args.repetitions, args.clock)
         baseline = statistics.median(times[0])
         rows = []
         for variant, seconds in zip(variants, times):
