@@ -326,6 +326,7 @@ def test_unsupported_model_is_a_type_error_naming_what_is_supported():
     [
         (dict(method="nope"), "unknown method 'nope'.*tome"),
         (dict(method="tome", r=0.7, tokens_per_block=2), "ambiguous request: r=0.7"),
+        (dict(method="tome", r=0.5, tokens_per_block=2), "ambiguous request: r=0.5"),  # explicit r, even the default value
         (dict(method="tome", stages=(1,), tokens_per_block=2), "ambiguous request: stages"),
         (dict(method="tome", schedule="linear"), "pass tokens_per_block"),
         (dict(method="tome", tokens_per_block=2, schedule="cosine"), "unknown schedule 'cosine'.*constant, linear"),
