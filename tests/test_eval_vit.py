@@ -14,6 +14,7 @@ from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import eval_vit  # noqa: E402
+from single_thread import one_torch_thread  # noqa: E402, F401
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
 CLASSES = ("n01440764", "n01443537", "n01484850")

@@ -12,6 +12,7 @@ from torchvision_stand_in import import_timm
 from transformers import ViTConfig, ViTForImageClassification
 
 import sdmerge
+from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 from sdmerge.timm_vit import reduction_state
 
 timm = import_timm()

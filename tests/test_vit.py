@@ -20,6 +20,7 @@ from transformers import (
 )
 
 import sdmerge
+from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 from sdmerge.core import alternating_split, bipartite_soft_matching, cosine_distances
 from sdmerge.vit import reduction_state
 
