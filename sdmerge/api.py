@@ -3,37 +3,41 @@
 Every integration module exposes ``accepts(model) -> bool``, ``apply(model, method, r,
 **options) -> model`` and ``remove(model) -> None``; the first integration that accepts the
 model handles it. What ``r`` (the keep rate) and the options mean depends on the family:
-``docs/stable_diffusion.md`` for Stable Diffusion.
+``docs/stable_diffusion.md`` for Stable Diffusion, ``docs/vit.md`` for ViT/DeiT classifiers.
+
+The integrations are imported on first use, so ``import sdmerge`` (the core, ``cluster``) does
+not load diffusers or transformers.
 """
 
 from __future__ import annotations
 
-from . import stable_diffusion
+import importlib
 
-INTEGRATIONS = (stable_diffusion,)
-"""The integrations, in the order they are asked."""
+INTEGRATIONS = ("stable_diffusion", "vit", "timm_vit")
+"""The integration modules of ``sdmerge``, in the order they are asked."""
 
 
 def _supported_names(integration) -> str:
-    """What an integration accepts, for error messages: its ``SUPPORTED_CLASSES`` if it lists them."""
-    classes = getattr(integration, "SUPPORTED_CLASSES", ())
-    return ", ".join(cls.__name__ for cls in classes) or integration.__name__
+    """What an integration accepts, for error messages: its ``SUPPORTED`` text, else its name."""
+    return getattr(integration, "SUPPORTED", integration.__name__)
 
 
 def _integration_for(model):
-    for integration in INTEGRATIONS:
+    modules = [importlib.import_module(f"{__package__}.{name}") for name in INTEGRATIONS]
+    for integration in modules:
         if integration.accepts(model):
             return integration
-    supported = ", ".join(_supported_names(integration) for integration in INTEGRATIONS)
+    supported = "; ".join(_supported_names(integration) for integration in modules)
     raise TypeError(f"sdmerge does not support {type(model).__module__}.{type(model).__name__}; supported: {supported}")
 
 
 def apply(model, method: str = "tome", r: float | None = None, **options):
     """Patch ``model`` in place to merge tokens with ``method`` at keep rate ``r``; returns it.
 
-    ``r`` is the fraction of tokens kept, ``0 < r <= 1``; ``None`` takes the integration's
-    default (Stable Diffusion: 0.5). Options depend on the model family (Stable Diffusion:
-    ``max_downsample``, ``sx``, ``sy``, ``use_rand``, ``seed``; see ``docs/stable_diffusion.md``).
+    ``r`` is the fraction of tokens kept, ``0 < r <= 1``; ``None`` takes the family's default
+    (0.5). Options depend on the model family: Stable Diffusion ``max_downsample``, ``sx``,
+    ``sy``, ``use_rand``, ``seed`` (``docs/stable_diffusion.md``); ViT/DeiT ``stages``,
+    ``tokens_per_block``, ``schedule``, ``prop_attn`` (``docs/vit.md``).
     """
     integration = _integration_for(model)
     if r is None:

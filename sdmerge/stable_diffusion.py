@@ -31,7 +31,7 @@ import warnings
 from dataclasses import dataclass, fields
 
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
@@ -41,7 +41,7 @@ from .core.plan import MergePlan
 from .methods import METHODS, Method, get_method
 from .prompt_importance import PromptAttentionMassProcessor, prompt_importance
 
-SUPPORTED_CLASSES = (DiffusionPipeline, UNet2DConditionModel)
+SUPPORTED = "DiffusionPipeline (with a UNet2DConditionModel), UNet2DConditionModel"
 """What :func:`apply` accepts: a UNet2DConditionModel, or a pipeline holding one as ``.unet``."""
 
 _STATE_ATTRIBUTE = "_sdmerge"

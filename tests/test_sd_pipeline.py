@@ -7,9 +7,9 @@ import torch
 
 import sdmerge
 from sdmerge.methods import METHODS
-from tests.tiny_diffusers import SD_METHODS, single_thread, tiny_pipeline
+from tests.tiny_diffusers import SD_METHODS, tiny_pipeline
 
-pytestmark = pytest.mark.usefixtures(single_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,10 @@ from tests.tiny_diffusers import (
     sd15_unet,
     sdxl_conditions,
     sdxl_unet,
-    single_thread,
     unet_inputs,
 )
 
-pytestmark = pytest.mark.usefixtures(single_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BIPARTITE = tuple(name for name in SD_METHODS if METHODS[name].needs_split)
 
@@ -413,7 +412,8 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_models_without_a_unet_are_rejected():
-    with pytest.raises(TypeError, match="builtins.object; supported: DiffusionPipeline, UNet2DConditionModel"):
+    supported = r"builtins.object; supported: DiffusionPipeline \(with a UNet2DConditionModel\), UNet2DConditionModel; ViTModel"
+    with pytest.raises(TypeError, match=supported):
         sdmerge.apply(object())
     with pytest.raises(TypeError, match="builtins.object"):
         sdmerge.remove(object())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import string
 
-import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -20,16 +19,6 @@ SD15_MERGED = (  # the transformer blocks SD-1.5's layout merges by default, as 
     "up_blocks.3.attentions.1.transformer_blocks.0",
     "up_blocks.3.attentions.2.transformer_blocks.0",
 )
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    """Run a test module's tiny models on one thread: they are fastest there, and on a busy
-    2-core machine two threads stalled (a 16x16-latent UNet call took 9.8 s instead of 0.04 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sd15_unet(seed: int = 0, sample_size: int = 16) -> UNet2DConditionModel:
