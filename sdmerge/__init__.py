@@ -1,5 +1,6 @@
 """sdmerge: token merging for Stable Diffusion and ViT/DeiT, without retraining."""
 
+from .api import apply, remove
 from .core import MergePlan, cluster
 from .methods import METHODS as _METHODS
 
@@ -8,4 +9,4 @@ METHODS: tuple[str, ...] = tuple(_METHODS)
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "MergePlan", "cluster"]
+__all__ = ["METHODS", "MergePlan", "apply", "cluster", "remove"]
