@@ -50,7 +50,7 @@ class GaussianStats:
     def of(cls, features: np.ndarray) -> GaussianStats:
         """Statistics of ``features: [N, D]``, ``N >= 2``."""
         features = np.asarray(features, dtype=np.float64)
-        return cls(features.mean(axis=0), np.cov(features, rowvar=False), len(features))
+        return cls(features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False)), len(features))
 
     def save(self, path: Path, provenance: str) -> None:
         """Write ``mean``, ``cov``, ``count`` and a provenance string to one ``.npz`` file, atomically."""

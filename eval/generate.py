@@ -116,12 +116,13 @@ def generate(
     items: Sequence[WorkItem],
     images_dir: Path,
     make_image: Callable[[WorkItem], tuple],
-    device_name: str,
+    origin: dict,
     on_image: Callable[[], None] = lambda: None,
 ) -> int:
     """Make every image of ``items`` whose PNG does not exist yet; returns how many were made.
 
-    ``items`` must be grouped by arm (as the work list is); ``on_image()`` runs after each image.
+    ``items`` must be grouped by arm (as the work list is); ``origin`` (the device and the
+    process) goes into every sidecar; ``on_image()`` runs after each image.
     """
     made = 0
     for _, arm_items in groupby(items, key=lambda item: item.arm):
@@ -133,7 +134,7 @@ def generate(
             image, seconds = make_image(item)
             write_json(
                 timing_path(images_dir, item),
-                {"seconds": seconds, "seed": item.seed, "prompt": item.prompt, "device": device_name},
+                {"seconds": seconds, "seed": item.seed, "prompt": item.prompt, **origin},
             )
             write_atomically(image_path(images_dir, item), lambda f: image.save(f, format="PNG"))
             made += 1
@@ -142,6 +143,6 @@ def generate(
 
 
 def read_timing(images_dir: Path, item: WorkItem) -> dict | None:
-    """The sidecar of a finished image (``seconds``, ``seed``, ``prompt``, ``device``), or None if missing."""
+    """The sidecar of a finished image (``seconds``, ``seed``, ``prompt``, ``device``, ``process``), or None."""
     path = timing_path(images_dir, item)
     return json.loads(path.read_text()) if path.is_file() else None

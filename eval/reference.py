@@ -6,17 +6,20 @@ sorted by name, the first ``per_class`` (5) of them; 5000 images for the 1000 cl
 
 - class folders: ``DIR/n01440764/ILSVRC2012_val_00000293.JPEG``, one folder per wnid;
 - flat files plus a label file (``--imagenet-val-labels``): ``DIR/ILSVRC2012_val_00000001.JPEG``
-  and either one ``<file name or stem> <wnid>`` pair per line (comma or whitespace separated;
-  one header line allowed, e.g. ``LOC_val_solution.csv``, whose first token after the comma is
-  the wnid), or one wnid per line labelling the image files in name order
-  (``imagenet_2012_validation_synset_labels.txt``). Labels must be wnids: integer labels are
-  ambiguous (the devkit's ILSVRC2012_ID order is not the sorted-wnid class index).
+  and either
+  - one ``<file name or stem> <wnid>`` pair per line, comma or whitespace separated, in any
+    order; a header line is allowed and lines naming files not in the folder are ignored
+    (``LOC_val_solution.csv`` works as it is: the first token after the comma is the wnid); or
+  - one wnid per line, labelling the image files in name order
+    (``imagenet_2012_validation_synset_labels.txt``).
+  Labels must be wnids: integer labels are ambiguous (the devkit's ILSVRC2012_ID order is not
+  the sorted-wnid class index). Every image file in the folder must have a label.
 
 Image files are ``.jpeg``, ``.jpg`` and ``.png`` (any case); other files are ignored.
 
-The statistics of the selection are cached in one ``.npz`` with their provenance (selection rule,
-count, a digest of the selected names and sizes, the extractor's identity); a rerun reuses them
-only when the provenance is identical, and recomputes them otherwise.
+The statistics of the selection are cached in one ``.npz`` with their provenance (selection
+rule, count, a digest of the selected files' names and contents, the extractor's identity); a
+rerun reuses them only when the provenance is identical, and recomputes them otherwise.
 """
 
 from __future__ import annotations
@@ -96,8 +99,9 @@ def _labelled_files(root: Path, label_file: Path) -> dict[str, list[Path]]:
     if not label_file.is_file():
         raise UserError(f"--imagenet-val-labels: no file at {label_file}. {HINT}")
     files = image_files(root)
+    by_stem = {p.stem: p for p in files}
     rows = [re.split(r"[,\s]+", line.strip()) for line in label_file.read_text().splitlines() if line.strip()]
-    if rows and not WNID_PATTERN.fullmatch(rows[0][1] if len(rows[0]) > 1 else rows[0][0]):
+    if rows and len(rows[0]) > 1 and Path(rows[0][0]).stem not in by_stem:
         rows = rows[1:]  # a header line such as "ImageId,PredictionString"
     if all(len(row) == 1 for row in rows):
         if len(rows) != len(files):
@@ -107,7 +111,6 @@ def _labelled_files(root: Path, label_file: Path) -> dict[str, list[Path]]:
             )
         pairs = [(path, row[0]) for path, row in zip(files, rows)]
     else:
-        by_stem = {p.stem: p for p in files}
         pairs = [(by_stem.get(Path(row[0]).stem), row[1] if len(row) > 1 else "") for row in rows]
         unlabelled = set(files) - {path for path, _ in pairs}
         if unlabelled:
@@ -128,10 +131,10 @@ def _labelled_files(root: Path, label_file: Path) -> dict[str, list[Path]]:
 
 
 def reference_provenance(files: Sequence[Path], root: Path, per_class: int, extractor: FeatureExtractor) -> dict:
-    """What the reference statistics depend on: the selection (names and sizes) and the extractor."""
+    """What the reference statistics depend on: the selection (names and contents) and the extractor."""
     digest = hashlib.sha256()
     for path in files:
-        digest.update(f"{path.relative_to(root).as_posix()}\t{path.stat().st_size}\n".encode())
+        digest.update(f"{path.relative_to(root).as_posix()}\t{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
     return {
         "definition": reference_definition(per_class),
         "count": len(files),

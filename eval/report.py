@@ -47,6 +47,9 @@ def _speedup(result: ArmResult, baseline: ArmResult) -> float | None:
 
 def write_csv(path: Path, results: Sequence[ArmResult], provenance: dict) -> None:
     """One row per arm: :data:`CSV_COLUMNS`, then every provenance field (the same in each row)."""
+    clashes = set(CSV_COLUMNS) & set(provenance)
+    if clashes:
+        raise ValueError(f"provenance fields {sorted(clashes)} would overwrite result columns")
     baseline = results[0]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

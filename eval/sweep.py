@@ -108,7 +108,8 @@ def run(config: SweepConfig, log: Callable[[str], None] = print) -> list[report.
         f"makes {len(share)}, {done} already done"
     )
     with tqdm(total=len(share), initial=done, unit="image", desc="generating", disable=not state.is_main_process) as bar:
-        generate(share, images_dir, ImageMaker(pipe, config.generation, device), device_name(device), bar.update)
+        origin = {"device": device_name(device), "process": f"{state.process_index}/{state.num_processes}"}
+        generate(share, images_dir, ImageMaker(pipe, config.generation, device), origin, bar.update)
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -131,7 +132,7 @@ def run(config: SweepConfig, log: Callable[[str], None] = print) -> list[report.
         "reference_root": str(config.imagenet_val),
         "reference_images": reference["count"],
         "feature_extractor": extractor.identity,
-        "fid": "eval/fid.py: Fréchet distance in float64 between Gaussians of the extractor's features",
+        "fid_computation": "eval/fid.py: Fréchet distance in float64 between Gaussians of the extractor's features",
         "timing": "wall time of the whole pipeline call, batch 1, warm-up call per arm and process excluded, CUDA synchronised",
         "num_processes": state.num_processes,
         "main_device": device_name(device),
