@@ -24,6 +24,7 @@ from itertools import groupby
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import sdmerge
 from sdmerge.methods import get_method
@@ -31,6 +32,8 @@ from sdmerge.methods import get_method
 from .atomic import write_atomically, write_json
 from .errors import UserError
 from .worklist import WorkItem
+
+TIMING = "wall time of the whole pipeline call, batch 1, warm-up call per arm and process excluded, CUDA synchronised"
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,8 @@ class ImageMaker:
         self.settings = settings
         self.device = device
 
-    def __call__(self, item: WorkItem):
-        """Returns ``(PIL image, seconds of the pipeline call)``."""
+    def __call__(self, item: WorkItem) -> tuple[Image.Image, float]:
+        """Returns ``(image, seconds of the pipeline call)``."""
         arm = item.arm
         if arm.method is not None:
             seeded = get_method(arm.method, "sd").needs_split
@@ -115,16 +118,15 @@ class ImageMaker:
 def generate(
     items: Sequence[WorkItem],
     images_dir: Path,
-    make_image: Callable[[WorkItem], tuple],
+    make_image: Callable[[WorkItem], tuple[Image.Image, float]],
     origin: dict,
     on_image: Callable[[], None] = lambda: None,
-) -> int:
-    """Make every image of ``items`` whose PNG does not exist yet; returns how many were made.
+) -> None:
+    """Make every image of ``items`` whose PNG does not exist yet.
 
     ``items`` must be grouped by arm (as the work list is); ``origin`` (the device and the
     process) goes into every sidecar; ``on_image()`` runs after each image.
     """
-    made = 0
     for _, arm_items in groupby(items, key=lambda item: item.arm):
         pending = [item for item in arm_items if not image_path(images_dir, item).exists()]
         if not pending:
@@ -137,9 +139,7 @@ def generate(
                 {"seconds": seconds, "seed": item.seed, "prompt": item.prompt, **origin},
             )
             write_atomically(image_path(images_dir, item), lambda f: image.save(f, format="PNG"))
-            made += 1
             on_image()
-    return made
 
 
 def read_timing(images_dir: Path, item: WorkItem) -> dict | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from .errors import UserError
 
 MAX_IMAGES_PER_CLASS = 10
+FORMULA = "base_seed + 10 * class_index + image_index"
 
 
 def image_seed(class_index: int, image_index: int, base_seed: int = 0) -> int:

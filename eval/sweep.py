@@ -34,10 +34,11 @@ from .atomic import is_temporary, write_json
 from .environment import device_name, library_versions
 from .errors import UserError
 from .fid import FeatureExtractor, frechet_distance, image_statistics
-from .generate import GenerationSettings, ImageMaker, generate, image_path, load_pipeline, read_timing
+from .generate import TIMING, GenerationSettings, ImageMaker, generate, image_path, load_pipeline, read_timing
 from .imagenet_classes import PROMPT_TEMPLATE, imagenet_classes
 from .inception import check_inception_available, inception_extractor
 from .reference import PER_CLASS, reference_provenance, reference_statistics, select_reference
+from .seeds import FORMULA as SEED_FORMULA
 from .smoke import build_reference_images, build_tiny_pipeline, random_features
 from .worklist import Arm, WorkItem, make_arms, make_work_list, process_share
 
@@ -73,11 +74,9 @@ class SweepConfig:
 def run(config: SweepConfig, log: Callable[[str], None] = print) -> list[report.ArmResult] | None:
     """Run the sweep; returns the results on the main process, None on the others."""
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
-    device = state.device
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = torch.float16 if state.device.type == "cuda" else torch.float32
     arms = make_arms(config.methods, config.keep_rates)
     items = make_work_list(arms, config.classes, config.images_per_class, config.base_seed)
-    images_dir = config.output / "images"
     if config.smoke:
         log(SMOKE_WARNING)
         with state.main_process_first():
@@ -89,57 +88,63 @@ def run(config: SweepConfig, log: Callable[[str], None] = print) -> list[report.
         check_inception_available(config.inception_weights)
     settings = _run_settings(config, dtype)
     _check_run_settings(config.output / "run_settings.json", settings)
+    pipe = load_pipeline(config.model, state.device, dtype, OFFLINE_HINT)
+    pipeline = {
+        "scheduler": type(pipe.scheduler).__name__,
+        "attention_processors": sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()}),
+        "safety_checker": "off",
+    }
 
     state.wait_for_everyone()
-    if state.is_main_process:
+    if state.is_main_process:  # the settings are recorded once a model with them has loaded
         write_json(config.output / "run_settings.json", settings)
-        for leftover in images_dir.glob("*/*"):
+        for leftover in (config.output / "images").glob("*/*"):
             if is_temporary(leftover):  # a write that a kill interrupted
                 leftover.unlink()
     state.wait_for_everyone()
-
-    pipe = load_pipeline(config.model, device, dtype, OFFLINE_HINT)
-    attention = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})
-    scheduler = type(pipe.scheduler).__name__
-    share = process_share(items, state.process_index, state.num_processes)
-    done = sum(image_path(images_dir, item).exists() for item in share)
-    log(
-        f"{len(items)} images in {len(arms)} arms; process {state.process_index + 1}/{state.num_processes} "
-        f"makes {len(share)}, {done} already done"
-    )
-    with tqdm(total=len(share), initial=done, unit="image", desc="generating", disable=not state.is_main_process) as bar:
-        origin = {"device": device_name(device), "process": f"{state.process_index}/{state.num_processes}"}
-        generate(share, images_dir, ImageMaker(pipe, config.generation, device), origin, bar.update)
+    _generate_share(config, state, items, pipe, log)
     del pipe
-    if device.type == "cuda":
+    if state.device.type == "cuda":
         torch.cuda.empty_cache()
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
 
     extractor = random_features() if config.smoke else inception_extractor(config.inception_weights)
-    results, reference = _evaluate(config, arms, items, reference_files, extractor, device, log)
+    results, reference = _evaluate(config, arms, items, reference_files, extractor, state.device, log)
     provenance = {
         "preset": "smoke (numbers only check the machinery)" if config.smoke else "full",
         **settings,
-        "scheduler": scheduler,
-        "attention_processors": attention,
-        "safety_checker": "off",
+        **pipeline,
         "classes": len(config.classes),
         "images_per_class": config.images_per_class,
-        "seed": f"{config.base_seed} + 10 * class_index + image_index (CPU torch.Generator)",
+        "seed": f"{SEED_FORMULA} (base_seed {config.base_seed}; CPU torch.Generator)",
         "reference": reference["definition"],
         "reference_root": str(config.imagenet_val),
         "reference_images": reference["count"],
         "feature_extractor": extractor.identity,
         "fid_computation": "eval/fid.py: Fréchet distance in float64 between Gaussians of the extractor's features",
-        "timing": "wall time of the whole pipeline call, batch 1, warm-up call per arm and process excluded, CUDA synchronised",
+        "timing": TIMING,
         "num_processes": state.num_processes,
-        "main_device": device_name(device),
+        "main_device": device_name(state.device),
         "versions": library_versions(),
     }
     _write_results(config, results, items, provenance, log)
     return results
+
+
+def _generate_share(config: SweepConfig, state: PartialState, items: list[WorkItem], pipe, log: Callable[[str], None]) -> None:
+    """Make this process's share of the images that do not exist yet (progress bar on the main process)."""
+    images_dir = config.output / "images"
+    share = process_share(items, state.process_index, state.num_processes)
+    done = sum(image_path(images_dir, item).exists() for item in share)
+    log(
+        f"{len(items)} images in {len({item.arm for item in items})} arms; process "
+        f"{state.process_index + 1}/{state.num_processes} makes {len(share)}, {done} already done"
+    )
+    origin = {"device": device_name(state.device), "process": f"{state.process_index}/{state.num_processes}"}
+    with tqdm(total=len(share), initial=done, unit="image", desc="generating", disable=not state.is_main_process) as bar:
+        generate(share, images_dir, ImageMaker(pipe, config.generation, state.device), origin, bar.update)
 
 
 def _select_reference(config: SweepConfig) -> list[Path]:

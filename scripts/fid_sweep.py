@@ -51,24 +51,30 @@ PRESETS = {
 FULL_ONLY = ("model", "imagenet_val", "imagenet_val_labels", "inception_weights")
 
 
+def preset_defaults(name: str) -> str:
+    """``"(full: X; smoke: Y)"`` for a flag's help."""
+    return "(" + "; ".join(f"{preset}: {values[name]}" for preset, values in PRESETS.items() if name in values) + ")"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], epilog="Protocol, output files and caveats: docs/fid_sweep.md"
     )
-    parser.add_argument("--preset", choices=list(PRESETS), default="full", help="full: the real protocol (default); smoke: offline miniature")
-    parser.add_argument("--model", help="SD-1.5 hub id or local folder (default: %(default)s)" % {"default": PRESETS["full"]["model"]})
-    parser.add_argument("--imagenet-val", type=Path, help="ImageNet-1k validation folder (class folders n0.../, or flat with --imagenet-val-labels)")
-    parser.add_argument("--imagenet-val-labels", type=Path, help="label file for a flat validation folder (wnids)")
-    parser.add_argument("--inception-weights", type=Path, help="local torch-fidelity Inception weights (pt_inception-2015-12-05-6726825d.pth)")
-    parser.add_argument("--methods", help="comma-separated methods, or 'none' for the unpatched model only")
-    parser.add_argument("--keep-rates", help="comma-separated keep rates in (0, 1]")
-    parser.add_argument("--classes", help="class indices and ranges, e.g. '0-99' or '18,207'")
-    parser.add_argument("--images-per-class", type=int, help="images per class, 1..10")
-    parser.add_argument("--steps", type=int, help="denoising steps")
-    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
-    parser.add_argument("--resolution", type=int, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="base seed added to every image's seed (default 0)")
-    parser.add_argument("--output", type=Path, help="output folder (full: outputs/fid_sweep, smoke: outputs/fid_smoke)")
+    add = parser.add_argument
+    add("--preset", choices=list(PRESETS), default="full", help="full: the real protocol (default); smoke: offline miniature on CPU")
+    add("--model", help=f"SD-1.5 hub id or local folder {preset_defaults('model')}")
+    add("--imagenet-val", type=Path, help="ImageNet-1k validation folder: class folders n0.../, or flat files with --imagenet-val-labels")
+    add("--imagenet-val-labels", type=Path, help="label file (wnids) for a flat validation folder")
+    add("--inception-weights", type=Path, help="local Inception weights (torch-fidelity's pt_inception-2015-12-05-6726825d.pth)")
+    add("--methods", help=f"comma-separated methods, or 'none' for the unpatched model only {preset_defaults('methods')}")
+    add("--keep-rates", help=f"comma-separated keep rates in (0, 1] {preset_defaults('keep_rates')}")
+    add("--classes", help=f"class indices and inclusive ranges {preset_defaults('classes')}")
+    add("--images-per-class", type=int, help=f"1..10 {preset_defaults('images_per_class')}")
+    add("--steps", type=int, help=f"denoising steps {preset_defaults('steps')}")
+    add("--guidance-scale", type=float, help=f"classifier-free guidance scale {preset_defaults('guidance_scale')}")
+    add("--resolution", type=int, help=f"image side in pixels, a multiple of 8 {preset_defaults('resolution')}")
+    add("--seed", type=int, default=0, help="base seed added to every image's seed (default 0)")
+    add("--output", type=Path, help=f"output folder {preset_defaults('output')}")
     args = parser.parse_args(argv)
     if args.preset == "smoke":
         given = [f"--{name.replace('_', '-')}" for name in FULL_ONLY if getattr(args, name) is not None]
@@ -86,9 +92,10 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         keep_rates = [float(r) for r in args.keep_rates.split(",")]
     except ValueError:
         raise UserError(f"--keep-rates {args.keep_rates!r}: expected comma-separated numbers in (0, 1], e.g. 0.9,0.5") from None
-    for name in ("images_per_class", "steps", "resolution"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps}: must be at least 1")
+    if args.resolution < 8 or args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution}: must be a positive multiple of 8 (the VAE's factor)")
     output = Path(args.output)
     smoke = args.preset == "smoke"
     return SweepConfig(

@@ -118,6 +118,8 @@ def test_rerun_into_an_output_made_with_other_settings_is_refused(tmp_path, caps
         (["--preset", "smoke", "--methods", "tome,magic"], "unknown method 'magic'"),
         (["--preset", "smoke", "--images-per-class", "11"], "--images-per-class 11"),
         (["--preset", "smoke", "--classes", "1000"], "--classes: '1000'"),
+        (["--preset", "smoke", "--steps", "0"], "--steps 0"),
+        (["--preset", "smoke", "--resolution", "100"], "--resolution 100: must be a positive multiple of 8"),
     ],
 )
 def test_bad_input_is_a_clear_error_not_a_traceback(argv, message, tmp_path, capsys):
