@@ -30,7 +30,7 @@ import sdmerge
 from sdmerge.methods import get_method
 
 from .atomic import write_atomically, write_json
-from .errors import UserError
+from .errors import OFFLINE_HINT, UserError
 from .worklist import WorkItem
 
 TIMING = "wall time of the whole pipeline call, batch 1, warm-up call per arm and process excluded, CUDA synchronised"
@@ -43,7 +43,7 @@ class GenerationSettings:
     resolution: int  # square images, pixels
 
 
-def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, offline_hint: str):
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
     """``StableDiffusionPipeline.from_pretrained(model)`` (a hub id or a local folder), safety
     checker off, on ``device`` in ``dtype``; a :class:`UserError` naming ``--model`` if it fails."""
     from diffusers import StableDiffusionPipeline
@@ -56,7 +56,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, offline_
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
             f"--model: cannot load a Stable Diffusion pipeline from {model!r} ({first_line}). Pass --model "
-            f"with a hub id reachable from here or a local folder holding model_index.json, {offline_hint}"
+            f"with a hub id reachable from here or a local folder holding model_index.json, {OFFLINE_HINT}"
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

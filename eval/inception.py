@@ -17,34 +17,32 @@ import hashlib
 from importlib.metadata import version
 from pathlib import Path
 
-from .errors import UserError
+from .errors import OFFLINE_HINT, UserError
 from .fid import FeatureExtractor
 
 RESIZE = "whole image resized to 299x299, bilinear, antialias=True (aspect ratio not kept); float32"
-OFFLINE_HINT = "or run the offline miniature with --preset smoke"
 
 
-def check_inception_available(weights: Path | None) -> None:
-    """Raise :class:`UserError` unless the Inception extractor can be built (cheap; run it before
-    generating anything, so a day of generation does not end on a missing file)."""
+def inception_extractor(weights: Path | None) -> FeatureExtractor:
+    """torchmetrics' ``NoTrainInceptionV3`` (2048-d), from ``weights`` or torch-fidelity's download.
+
+    Raises :class:`UserError` naming the fix when the weights file, torch-fidelity (or the
+    torchvision it imports) or the download is missing. The sweep calls this before generating,
+    so a day of generation does not end on a missing file.
+    """
     if weights is not None and not weights.is_file():
         raise UserError(
             f"--inception-weights: no file at {weights}. Pass the torch-fidelity Inception weights "
             f"(pt_inception-2015-12-05-6726825d.pth), omit the flag to let torch-fidelity download them, "
             f"{OFFLINE_HINT}"
         )
-    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
-
-    if not _TORCH_FIDELITY_AVAILABLE:
+    try:
+        import torch_fidelity  # noqa: F401  (torchmetrics' Inception lives there; it imports torchvision)
+    except ImportError as error:
         raise UserError(
-            "FID with torchmetrics' Inception needs torch-fidelity (which needs torchvision): "
-            'pip install -e ".[fidelity]" on the GPU machine, ' + OFFLINE_HINT
-        )
-
-
-def inception_extractor(weights: Path | None) -> FeatureExtractor:
-    """torchmetrics' ``NoTrainInceptionV3`` (2048-d), from ``weights`` or torch-fidelity's download."""
-    check_inception_available(weights)
+            f"FID with torchmetrics' Inception needs torch-fidelity and torchvision ({error}): "
+            f'pip install -e ".[fidelity]" on the GPU machine, {OFFLINE_HINT}'
+        ) from None
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     try:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import OFFLINE_HINT, UserError
 from .fid import FeatureExtractor, GaussianStats, image_statistics
 from .imagenet_classes import WNID_PATTERN
 
@@ -40,7 +40,7 @@ IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 PER_CLASS = 5
 HINT = (
     "Pass --imagenet-val DIR: the ImageNet-1k validation images in class folders (DIR/n01440764/...), "
-    "or flat with --imagenet-val-labels FILE; or run the offline miniature with --preset smoke"
+    f"or flat with --imagenet-val-labels FILE; {OFFLINE_HINT}"
 )
 
 

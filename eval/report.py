@@ -45,6 +45,11 @@ def _speedup(result: ArmResult, baseline: ArmResult) -> float | None:
     return baseline.seconds_per_image / result.seconds_per_image
 
 
+def _plain(value):
+    """A provenance value as a CSV cell or Markdown text: strings and numbers as they are, the rest as JSON."""
+    return value if isinstance(value, (str, int, float)) else json.dumps(value)
+
+
 def write_csv(path: Path, results: Sequence[ArmResult], provenance: dict) -> None:
     """One row per arm: :data:`CSV_COLUMNS`, then every provenance field (the same in each row)."""
     clashes = set(CSV_COLUMNS) & set(provenance)
@@ -54,12 +59,12 @@ def write_csv(path: Path, results: Sequence[ArmResult], provenance: dict) -> Non
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS + list(provenance))
+    extra = [_plain(value) for value in provenance.values()]
     for r in results:
         row = [
-            r.arm.name, r.arm.method or "", r.arm.keep_rate, repr(r.fid), r.images, r.seconds_per_image,
+            r.arm.name, r.arm.method or "", r.arm.keep_rate, r.fid, r.images, r.seconds_per_image,
             r.seconds_per_image_std, r.timed_images, _speedup(r, baseline), r.devices,
         ]
-        extra = [value if isinstance(value, (str, int, float)) else json.dumps(value) for value in provenance.values()]
         writer.writerow(["" if value is None else value for value in row] + extra)
     write_text(path, buffer.getvalue())
 
@@ -116,7 +121,7 @@ def write_markdown(
     lines += ["## Seconds per image (speed-up over the unpatched model)", ""]
     lines += _table(results, lambda r: r.seconds_per_image, seconds)
     lines += ["", "## Provenance", ""]
-    lines += [f"- **{key}**: {value if isinstance(value, str) else json.dumps(value)}" for key, value in provenance.items()]
+    lines += [f"- **{key}**: {_plain(value)}" for key, value in provenance.items()]
     write_text(path, "\n".join(lines) + "\n")
 
 

@@ -3,9 +3,10 @@ timings per arm, then the result files. ``scripts/fid_sweep.py`` is its command 
 
 Stages, all in :func:`run`:
 
-1. checks in every process, before any work: the arms and classes, the reference folder
-   (selection only), the Inception extractor's availability, and that ``--output`` does not
-   hold images made with other generation settings (``run_settings.json``);
+1. checks before any image is made: the arms and classes, the reference folder (selection
+   only), that ``--output`` does not hold images made with other generation settings
+   (``run_settings.json``), the model (loaded by every process) and the feature extractor
+   (built by the main process);
 2. generation: each process makes its round-robin share (``eval/worklist.py``), skipping
    finished images (``eval/generate.py``); a progress bar on the main process;
 3. the main process waits for all, then computes the reference statistics (cached), every
@@ -32,11 +33,11 @@ from tqdm.auto import tqdm
 from . import report
 from .atomic import is_temporary, write_json
 from .environment import device_name, library_versions
-from .errors import UserError
+from .errors import OFFLINE_HINT, UserError
 from .fid import FeatureExtractor, frechet_distance, image_statistics
 from .generate import TIMING, GenerationSettings, ImageMaker, generate, image_path, load_pipeline, read_timing
 from .imagenet_classes import PROMPT_TEMPLATE, imagenet_classes
-from .inception import check_inception_available, inception_extractor
+from .inception import inception_extractor
 from .reference import PER_CLASS, reference_provenance, reference_statistics, select_reference
 from .seeds import FORMULA as SEED_FORMULA
 from .smoke import build_reference_images, build_tiny_pipeline, random_features
@@ -48,7 +49,6 @@ SMOKE_WARNING = (
     "quality or speed."
 )
 GRID_CLASSES = (18, 207, 417, 980)  # magpie (the ATC paper's Figure 6), golden retriever, balloon, volcano
-OFFLINE_HINT = "or run the offline miniature with --preset smoke"
 BARRIER_TIMEOUT = timedelta(hours=6)  # how long processes wait for each other (multi-process runs)
 
 
@@ -84,11 +84,12 @@ def run(config: SweepConfig, log: Callable[[str], None] = print) -> list[report.
             wnids = [imagenet_classes()[c].wnid for c in config.classes]
             build_reference_images(config.imagenet_val, wnids, config.reference_per_class)
     reference_files = _select_reference(config)
-    if not config.smoke:
-        check_inception_available(config.inception_weights)
+    extractor = None
+    if state.is_main_process:  # built now, so that a missing file or download stops the run before generating
+        extractor = random_features() if config.smoke else inception_extractor(config.inception_weights)
     settings = _run_settings(config, dtype)
     _check_run_settings(config.output / "run_settings.json", settings)
-    pipe = load_pipeline(config.model, state.device, dtype, OFFLINE_HINT)
+    pipe = load_pipeline(config.model, state.device, dtype)
     pipeline = {
         "scheduler": type(pipe.scheduler).__name__,
         "attention_processors": sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()}),
@@ -110,7 +111,6 @@ def run(config: SweepConfig, log: Callable[[str], None] = print) -> list[report.
     if not state.is_main_process:
         return None
 
-    extractor = random_features() if config.smoke else inception_extractor(config.inception_weights)
     results, reference = _evaluate(config, arms, items, reference_files, extractor, state.device, log)
     provenance = {
         "preset": "smoke (numbers only check the machinery)" if config.smoke else "full",
@@ -119,7 +119,7 @@ def run(config: SweepConfig, log: Callable[[str], None] = print) -> list[report.
         "classes": len(config.classes),
         "images_per_class": config.images_per_class,
         "seed": f"{SEED_FORMULA} (base_seed {config.base_seed}; CPU torch.Generator)",
-        "reference": reference["definition"],
+        "reference": ("made-up images standing in for " if config.smoke else "") + reference["definition"],
         "reference_root": str(config.imagenet_val),
         "reference_images": reference["count"],
         "feature_extractor": extractor.identity,

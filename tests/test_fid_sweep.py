@@ -5,7 +5,6 @@ import csv
 import importlib.util
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from eval.errors import UserError
 from eval.generate import load_pipeline
-from eval.inception import check_inception_available
+from eval.imagenet_classes import imagenet_classes
+from eval.inception import inception_extractor
 from eval.worklist import make_arms, make_work_list, process_share
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,21 +138,33 @@ def test_smoke_preset_refuses_the_full_protocol_flags(capsys):
 def test_missing_model_and_inception_weights_name_their_flag(tmp_path, monkeypatch):
     for model in ["/nonexistent/sd15", str(tmp_path)]:  # no folder; a folder without model_index.json
         with pytest.raises(UserError, match="--model: cannot load .*--preset smoke"):
-            load_pipeline(model, torch.device("cpu"), torch.float32, "or run the offline miniature with --preset smoke")
+            load_pipeline(model, torch.device("cpu"), torch.float32)
     with pytest.raises(UserError, match="--inception-weights: no file at /nonexistent.pth.*--preset smoke"):
-        check_inception_available(Path("/nonexistent.pth"))
-    monkeypatch.setattr("torchmetrics.utilities.imports._TORCH_FIDELITY_AVAILABLE", False)
-    with pytest.raises(UserError, match='needs torch-fidelity .*pip install -e ".\\[fidelity\\]".*--preset smoke'):
-        check_inception_available(None)
+        inception_extractor(Path("/nonexistent.pth"))
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed
+    with pytest.raises(UserError, match='needs torch-fidelity and torchvision .*pip install -e ".\\[fidelity\\]".*--preset smoke'):
+        inception_extractor(None)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun ships with torch")
+def test_full_protocol_stops_before_generating_when_inception_is_missing(tmp_path, capsys, monkeypatch):
+    png = tmp_path / "one.png"
+    Image.new("RGB", (4, 4)).save(png)
+    for c in imagenet_classes():  # a complete (tiny) ImageNet validation tree, 5 images per class
+        (tmp_path / "val" / c.wnid).mkdir(parents=True)
+        for j in range(5):
+            (tmp_path / "val" / c.wnid / f"{j}.png").write_bytes(png.read_bytes())
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    out = tmp_path / "out"
+    assert cli.main(["--imagenet-val", str(tmp_path / "val"), "--output", str(out)]) == 2
+    assert "error: FID with torchmetrics' Inception needs torch-fidelity" in capsys.readouterr().err
+    assert not out.exists()  # no model loaded, nothing generated or recorded
+
+
 def test_two_processes_split_the_work_and_each_image_is_made_once(tmp_path):
     out = tmp_path / "two"
     args = ["--preset", "smoke", "--methods", "tome", "--classes", "18,207,417"]
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    done = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(SCRIPT), *args, "--output", str(out)],
+    done = subprocess.run(  # torchrun, as accelerate launch does it; --standalone: a free port on localhost
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), *args, "--output", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
