@@ -80,26 +80,26 @@ def build_tiny_pipeline(folder: Path) -> None:
 
 
 def build_reference_images(folder: Path, wnids: Sequence[str], per_class: int) -> None:
-    """Write ``per_class`` JPEGs per wnid to ``folder/<wnid>/`` (atomically; kept if present).
+    """Write ``per_class`` JPEGs to ``folder/<wnid>/`` for every wnid whose folder is missing
+    (each class folder atomically; its images depend only on the wnid).
 
     Each image is smooth random colour (a seeded 4x4 pattern upsampled), 64x48 or 48x64 pixels
     in turn, like ImageNet's mix of landscape and portrait photos.
     """
-    if folder.is_dir():
-        return
+    for wnid in wnids:
+        if (folder / wnid).is_dir():
+            continue
 
-    def write(tmp: Path) -> None:
-        rng = np.random.default_rng(SEED)
-        for wnid in wnids:
-            (tmp / wnid).mkdir()
+        def write(tmp: Path, wnid: str = wnid) -> None:
+            rng = np.random.default_rng([SEED, int(wnid[1:])])
             for j in range(per_class):
                 size = (48, 64) if j % 2 else (64, 48)
                 coarse = torch.from_numpy(rng.uniform(0, 255, (1, 3, 4, 4)))
                 image = F.interpolate(coarse, size=size, mode="bicubic", align_corners=False).clamp(0, 255)
                 array = image[0].permute(1, 2, 0).round().byte().numpy()
-                Image.fromarray(array).save(tmp / wnid / f"ILSVRC2012_val_{j:08d}.JPEG", quality=90)
+                Image.fromarray(array).save(tmp / f"ILSVRC2012_val_{j:08d}.JPEG", quality=90)
 
-    _build_folder(folder, write)
+        _build_folder(folder / wnid, write)
 
 
 def _build_folder(folder: Path, write) -> None:

@@ -2,7 +2,7 @@
 classes for the unpatched model and every method x keep rate, their FID against ImageNet
 validation images, and seconds per image. See docs/fid_sweep.md.
 
-    python scripts/fid_sweep.py --preset smoke          # offline miniature, CPU, about a minute
+    python scripts/fid_sweep.py --preset smoke          # offline miniature, CPU, under a minute
     python scripts/fid_sweep.py --imagenet-val /data/imagenet/val --inception-weights pt_inception.pth
     accelerate launch scripts/fid_sweep.py --imagenet-val ...   # the same, split over all GPUs
 
