@@ -84,6 +84,8 @@ class MergeConfig:
             raise TypeError(f"use_rand must be True or False, got {self.use_rand!r}")
         if self.seed is not None:
             _check_int("seed", self.seed)
+        if self.seed is not None and not self.use_rand:
+            raise ValueError(f"seed={self.seed} has no effect with use_rand=False (the split is not random)")
         if method.needs_split:
             # One destination per full window: the sources are at least N (1 - 1/(sx sy)), and
             # exactly that on grids the windows tile, so this bound is reachable on every grid.
@@ -269,7 +271,9 @@ class MergeState:
         self.config = config
         self.method: Method = get_method(config.method, "sd")
         self.randomness = SplitRandomness(config.use_rand, config.seed)
-        self.blocks = [MergedBlock(name, block, level, self) for name, block, level in blocks_to_merge(unet, config.max_downsample)]
+        self.blocks = [
+            MergedBlock(name, block, level, self) for name, block, level in blocks_to_merge(unet, config.max_downsample)
+        ]
         for block in self.blocks:
             _check_attention(f"{block.name}.attn1", block.module.attn1, reads_probabilities=False)
             if self.method.needs_importance:
@@ -292,7 +296,8 @@ class MergeState:
             self._hooks.append(block.module.register_forward_pre_hook(block.capture_metric, with_kwargs=True))
             self._wrap(block.module.attn1, TokenMergingProcessor(block.module.attn1.processor, block))
             if self.method.needs_importance:
-                self._wrap(block.module.attn2, PromptAttentionMassProcessor(block.module.attn2.processor, block.store_mass))
+                attn2 = block.module.attn2
+                self._wrap(attn2, PromptAttentionMassProcessor(attn2.processor, block.store_mass))
         self._hooks.append(self.unet.register_forward_pre_hook(self.on_unet_call, with_kwargs=True))
 
     def _wrap(self, attn: Attention, processor) -> None:
@@ -323,12 +328,17 @@ class MergeState:
             )
         if self.reads_timestep:
             timestep = float(torch.as_tensor(kwargs["timestep"] if "timestep" in kwargs else args[1]).flatten()[0])
-            previous = self._previous_call
-            if previous is None or timestep > previous[0] or sample.shape != previous[1]:
+            if self._starts_generation(timestep, sample.shape):
                 for block in self.blocks:
                     block.cross_attention_mass = None
             self._previous_call = (timestep, sample.shape)
             self.randomness.start_call(timestep)
+
+    def _starts_generation(self, timestep: float, shape: torch.Size) -> bool:
+        """A call starts a generation when its timestep is larger than the previous call's (the
+        diffusion goes backwards in time), or its sample's shape changed."""
+        previous = self._previous_call
+        return previous is None or timestep > previous[0] or shape != previous[1]
 
 
 class SplitRandomness:
