@@ -72,7 +72,22 @@ class SweepConfig:
 
 
 def run(config: SweepConfig, log: Callable[[str], None] = print) -> list[report.ArmResult] | None:
-    """Run the sweep; returns the results on the main process, None on the others."""
+    """Run the sweep; returns the results on the main process, None on the others.
+
+    The smoke preset runs on one CPU thread: its tiny models are fastest there, and two threads
+    can stall for seconds per call on a busy 2-core machine.
+    """
+    if not config.smoke:
+        return _run(config, log)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(config, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: SweepConfig, log: Callable[[str], None]) -> list[report.ArmResult] | None:
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
     dtype = torch.float16 if state.device.type == "cuda" else torch.float32
     arms = make_arms(config.methods, config.keep_rates)
