@@ -131,6 +131,18 @@ def _run(config: SweepConfig, log: Callable[[str], None]) -> list[report.ArmResu
         "preset": "smoke (numbers only check the machinery)" if config.smoke else "full",
         **settings,
         **pipeline,
+        **_protocol(config, reference, extractor),
+        "num_processes": state.num_processes,
+        "main_device": device_name(state.device),
+        "versions": library_versions(),
+    }
+    _write_results(config, results, items, provenance, log)
+    return results
+
+
+def _protocol(config: SweepConfig, reference: dict, extractor: FeatureExtractor) -> dict:
+    """What was swept and how it was measured, for the result files."""
+    return {
         "classes": len(config.classes),
         "images_per_class": config.images_per_class,
         "seed": f"{SEED_FORMULA} (base_seed {config.base_seed}; CPU torch.Generator)",
@@ -140,12 +152,7 @@ def _run(config: SweepConfig, log: Callable[[str], None]) -> list[report.ArmResu
         "feature_extractor": extractor.identity,
         "fid_computation": "eval/fid.py: Fréchet distance in float64 between Gaussians of the extractor's features",
         "timing": TIMING,
-        "num_processes": state.num_processes,
-        "main_device": device_name(state.device),
-        "versions": library_versions(),
     }
-    _write_results(config, results, items, provenance, log)
-    return results
 
 
 def _generate_share(config: SweepConfig, state: PartialState, items: list[WorkItem], pipe, log: Callable[[str], None]) -> None:
@@ -223,9 +230,11 @@ def _evaluate(
         )
         if reused:
             bar.update(len(reference_files))
+        by_arm: dict[Arm, list[WorkItem]] = {arm: [] for arm in arms}
+        for item in items:
+            by_arm[item.arm].append(item)
         results = []
-        for arm in arms:
-            arm_items = [item for item in items if item.arm == arm]
+        for arm, arm_items in by_arm.items():
             stats = image_statistics([image_path(images_dir, i) for i in arm_items], extractor, device, on_batch=bar.update)
             timings = [t for i in arm_items if (t := read_timing(images_dir, i)) is not None]
             seconds = [t["seconds"] for t in timings]
