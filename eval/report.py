@@ -126,8 +126,9 @@ def write_markdown(
 
 
 def write_plot(path: Path, results: Sequence[ArmResult]) -> bool:
-    """FID and seconds per image against keep rate, one line per method, the unpatched model as a
-    dashed line. Returns False (nothing written) when matplotlib is not installed."""
+    """FID and seconds per image against keep rate, one line per method starting from the unpatched
+    model at 100% (as Table 2's rows), which is also drawn dashed. Returns False (nothing written)
+    when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -144,7 +145,8 @@ def write_plot(path: Path, results: Sequence[ArmResult]) -> bool:
         if value(baseline) is not None:
             axis.axhline(value(baseline), color="black", linestyle="--", label="unpatched")
         for method in dict.fromkeys(r.arm.method for r in patched):
-            points = sorted((r.arm.keep_rate * 100, value(r)) for r in patched if r.arm.method == method and value(r) is not None)
+            arms = [baseline] + [r for r in patched if r.arm.method == method]
+            points = sorted((r.arm.keep_rate * 100, value(r)) for r in arms if value(r) is not None)
             if points:
                 axis.plot(*zip(*points), marker="o", label=method)
         axis.set_xlabel("keep rate r (%)")

@@ -77,3 +77,23 @@ def test_image_grid_has_one_row_per_arm_and_one_column_per_class(tmp_path):
     assert grid.size == (170 + 2 * 16, 24 + 2 * 16)
     assert grid.getpixel((170 + 8, 24 + 8)) == (255, 0, 0)
     assert grid.getpixel((170 + 8, 24 + 16 + 8)) == (0, 0, 255)
+
+
+def test_the_atc_papers_table_2_numbers_get_the_papers_marks(tmp_path):
+    """ATC Table 2 (FID, keep rate 100..40%): bold = best per column, underlined = best per row."""
+    rates = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    paper = {
+        "tome": [33.77, 33.61, 33.59, 33.57, 33.63, 33.67],
+        "atc_single": [33.63, 33.48, 33.53, 33.43, 34.01, 36.95],
+        "atc_average": [33.51, 33.45, 33.33, 33.40, 33.36, 33.22],
+    }
+    arms = make_arms(list(paper), rates)
+    fids = {"baseline": 33.80} | {a.name: paper[a.method][rates.index(a.keep_rate)] for a in arms[1:]}
+    results = [ArmResult(a, fids[a.name], 2000, None, None, 0, "") for a in arms]
+    report.write_markdown(tmp_path / "r.md", results, {}, [])
+    table = (tmp_path / "r.md").read_text().split("## FID (lower is better)\n\n")[1].split("\n\n")[0].splitlines()
+    assert table[2:] == [
+        "| tome | **33.80** | 33.77 | 33.61 | 33.59 | <u>33.57</u> | 33.63 | 33.67 |",
+        "| atc_single | **33.80** | 33.63 | 33.48 | 33.53 | <u>33.43</u> | 34.01 | 36.95 |",
+        "| atc_average | **33.80** | **33.51** | **33.45** | **33.33** | **33.40** | **33.36** | <u>**33.22**</u> |",
+    ]
