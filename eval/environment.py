@@ -7,7 +7,18 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "torchmetrics", "torch-fidelity", "numpy", "scipy", "pillow", "sdmerge")
+PACKAGES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "torchmetrics",
+    "torch-fidelity",
+    "numpy",
+    "scipy",
+    "pillow",
+    "sdmerge",
+)
 
 
 def library_versions() -> dict[str, str]:

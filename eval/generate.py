@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import groupby
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def generate(
                 timing_path(images_dir, item),
                 {"seconds": seconds, "seed": item.seed, "prompt": item.prompt, **origin},
             )
-            write_atomically(image_path(images_dir, item), lambda f: image.save(f, format="PNG"))
+            write_atomically(image_path(images_dir, item), partial(image.save, format="PNG"))
             on_image()
 
 

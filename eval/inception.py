@@ -55,8 +55,7 @@ def inception_extractor(weights: Path | None) -> FeatureExtractor:
     except Exception as error:  # a failed download surfaces as URLError, OSError, RuntimeError...
         raise UserError(
             f"could not load the Inception weights ({type(error).__name__}: {error}). On a machine "
-            f"without internet pass --inception-weights PATH (pt_inception-2015-12-05-6726825d.pth), "
-            + OFFLINE_HINT
+            f"without internet pass --inception-weights PATH (pt_inception-2015-12-05-6726825d.pth), " + OFFLINE_HINT
         ) from None
     identity = {
         "name": "torchmetrics NoTrainInceptionV3 (inception-v3-compat, torch-fidelity), pool features",

@@ -45,15 +45,14 @@ HINT = (
 
 
 def reference_definition(per_class: int = PER_CLASS) -> str:
-    return (
-        f"ImageNet-1k val, first {per_class} images per class (files sorted by name), "
-        f"classes in sorted-wnid order"
-    )
+    return f"ImageNet-1k val, first {per_class} images per class (files sorted by name), classes in sorted-wnid order"
 
 
 def image_files(folder: Path) -> list[Path]:
     """The image files directly in ``folder``, sorted by name."""
-    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=lambda p: p.name)
+    return sorted(
+        (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=lambda p: p.name
+    )
 
 
 def select_reference(
@@ -88,9 +87,14 @@ def select_reference(
 def _class_folders(root: Path, wnids: Sequence[str]) -> dict[str, list[Path]]:
     missing = [w for w in wnids if not (root / w).is_dir()]
     if missing:
-        flat = " It holds image files directly: pass their labels with --imagenet-val-labels FILE." if image_files(root) else ""
+        flat = (
+            " It holds image files directly: pass their labels with --imagenet-val-labels FILE."
+            if image_files(root)
+            else ""
+        )
         raise UserError(
-            f"--imagenet-val {root}: {len(missing)} class folder(s) missing, e.g. {', '.join(missing[:5])}.{flat} {HINT}"
+            f"--imagenet-val {root}: {len(missing)} class folder(s) missing, "
+            f"e.g. {', '.join(missing[:5])}.{flat} {HINT}"
         )
     return {w: image_files(root / w) for w in wnids}
 
@@ -109,7 +113,7 @@ def _labelled_files(root: Path, label_file: Path) -> dict[str, list[Path]]:
                 f"--imagenet-val-labels {label_file}: {len(rows)} labels (one per line) for {len(files)} "
                 f"image files in {root}; a one-column label file must label every image file in name order"
             )
-        pairs = [(path, row[0]) for path, row in zip(files, rows)]
+        pairs = [(path, row[0]) for path, row in zip(files, rows, strict=True)]
     else:
         pairs = [(by_stem.get(Path(row[0]).stem), row[1] if len(row) > 1 else "") for row in rows]
         unlabelled = set(files) - {path for path, _ in pairs}
@@ -134,7 +138,9 @@ def reference_provenance(files: Sequence[Path], root: Path, per_class: int, extr
     """What the reference statistics depend on: the selection (names and contents) and the extractor."""
     digest = hashlib.sha256()
     for path in files:
-        digest.update(f"{path.relative_to(root).as_posix()}\t{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+        digest.update(
+            f"{path.relative_to(root).as_posix()}\t{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode()
+        )
     return {
         "definition": reference_definition(per_class),
         "count": len(files),

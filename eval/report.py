@@ -21,8 +21,16 @@ from .atomic import write_atomically, write_text
 from .worklist import Arm
 
 CSV_COLUMNS = [
-    "arm", "method", "keep_rate", "fid", "images", "seconds_per_image", "seconds_per_image_std",
-    "timed_images", "speedup_vs_baseline", "devices",
+    "arm",
+    "method",
+    "keep_rate",
+    "fid",
+    "images",
+    "seconds_per_image",
+    "seconds_per_image_std",
+    "timed_images",
+    "speedup_vs_baseline",
+    "devices",
 ]
 PLOT_FILE = "fid_vs_keep_rate.png"
 GRID_FILE = "image_grid.png"
@@ -62,14 +70,24 @@ def write_csv(path: Path, results: Sequence[ArmResult], provenance: dict) -> Non
     extra = [_plain(value) for value in provenance.values()]
     for r in results:
         row = [
-            r.arm.name, r.arm.method or "", r.arm.keep_rate, r.fid, r.images, r.seconds_per_image,
-            r.seconds_per_image_std, r.timed_images, _speedup(r, baseline), r.devices,
+            r.arm.name,
+            r.arm.method or "",
+            r.arm.keep_rate,
+            r.fid,
+            r.images,
+            r.seconds_per_image,
+            r.seconds_per_image_std,
+            r.timed_images,
+            _speedup(r, baseline),
+            r.devices,
         ]
         writer.writerow(["" if value is None else value for value in row] + extra)
     write_text(path, buffer.getvalue())
 
 
-def _table(results: Sequence[ArmResult], value: Callable[[ArmResult], float | None], cell: Callable[[ArmResult], str]) -> list[str]:
+def _table(
+    results: Sequence[ArmResult], value: Callable[[ArmResult], float | None], cell: Callable[[ArmResult], str]
+) -> list[str]:
     """Markdown lines in Table 2's shape. ``value(result)`` ranks cells (lower is better; None:
     unranked), ``cell(result)`` prints one."""
     baseline, patched = results[0], results[1:]
@@ -101,9 +119,7 @@ def _table(results: Sequence[ArmResult], value: Callable[[ArmResult], float | No
     return lines
 
 
-def write_markdown(
-    path: Path, results: Sequence[ArmResult], provenance: dict, notes: Sequence[str]
-) -> None:
+def write_markdown(path: Path, results: Sequence[ArmResult], provenance: dict, notes: Sequence[str]) -> None:
     """``results.md``: the FID table, the speed table, ``notes`` (warnings, skipped outputs), provenance."""
     baseline = results[0]
 
@@ -117,7 +133,11 @@ def write_markdown(
     lines += [f"> {note}" for note in notes] + ([""] if notes else [])
     lines += ["## FID (lower is better)", ""]
     lines += _table(results, lambda r: r.fid, lambda r: f"{r.fid:.2f}")
-    lines += ["", "Best per column in **bold**, best per row <u>underlined</u>; the 100 column is the unpatched model.", ""]
+    lines += [
+        "",
+        "Best per column in **bold**, best per row <u>underlined</u>; the 100 column is the unpatched model.",
+        "",
+    ]
     lines += ["## Seconds per image (speed-up over the unpatched model)", ""]
     lines += _table(results, lambda r: r.seconds_per_image, seconds)
     lines += ["", "## Provenance", ""]
@@ -148,7 +168,7 @@ def write_plot(path: Path, results: Sequence[ArmResult]) -> bool:
             arms = [baseline] + [r for r in patched if r.arm.method == method]
             points = sorted((r.arm.keep_rate * 100, value(r)) for r in arms if value(r) is not None)
             if points:
-                axis.plot(*zip(*points), marker="o", label=method)
+                axis.plot(*zip(*points, strict=True), marker="o", label=method)
         axis.set_xlabel("keep rate r (%)")
         axis.set_ylabel(label)
         axis.invert_xaxis()
@@ -162,7 +182,9 @@ def write_plot(path: Path, results: Sequence[ArmResult]) -> bool:
     return True
 
 
-def write_image_grid(path: Path, rows: Sequence[tuple[str, Sequence[Path]]], column_titles: Sequence[str], tile: int) -> None:
+def write_image_grid(
+    path: Path, rows: Sequence[tuple[str, Sequence[Path]]], column_titles: Sequence[str], tile: int
+) -> None:
     """A grid as the ATC paper's Figure 6: one row per ``(label, image paths)``, one column per
     title, every image scaled to ``tile`` x ``tile`` pixels, labels on the left and on top."""
     font = ImageFont.load_default()
@@ -176,5 +198,7 @@ def write_image_grid(path: Path, rows: Sequence[tuple[str, Sequence[Path]]], col
         draw.text((6, top + tile // 2 - 6), label, fill="black", font=font)
         for j, image_path in enumerate(paths):
             with Image.open(image_path) as image:
-                canvas.paste(image.convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS), (label_width + j * tile, top))
+                canvas.paste(
+                    image.convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS), (label_width + j * tile, top)
+                )
     write_atomically(path, lambda f: canvas.save(f, format="PNG"))

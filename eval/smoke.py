@@ -51,30 +51,58 @@ def build_tiny_pipeline(folder: Path) -> None:
         torch.manual_seed(SEED)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
-                vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                num_hidden_layers=2, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+                vocab_size=len(vocab),
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                max_position_embeddings=77,
+                bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"],
             )
         )
         unet = UNet2DConditionModel(
-            sample_size=TOKEN_GRID, in_channels=4, out_channels=4, layers_per_block=1,
+            sample_size=TOKEN_GRID,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
             block_out_channels=(32, 32, 64, 64),
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
         )
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16), sample_size=TOKEN_GRID * 8,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            sample_size=TOKEN_GRID * 8,
         )
     scheduler = PNDMScheduler(  # SD-1.5's scheduler config
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     _build_folder(folder, pipe.save_pretrained)
 
@@ -124,9 +152,12 @@ class RandomConvFeatures(nn.Module):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.layers = nn.Sequential(
-                nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(),
-                nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
-                nn.Conv2d(32, dims, 3, stride=2), nn.ReLU(),
+                nn.Conv2d(3, 16, 3, stride=2),
+                nn.ReLU(),
+                nn.Conv2d(16, 32, 3, stride=2),
+                nn.ReLU(),
+                nn.Conv2d(32, dims, 3, stride=2),
+                nn.ReLU(),
             )
             for layer in self.layers[::2]:
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")

@@ -155,7 +155,9 @@ def _protocol(config: SweepConfig, reference: dict, extractor: FeatureExtractor)
     }
 
 
-def _generate_share(config: SweepConfig, state: PartialState, items: list[WorkItem], pipe, log: Callable[[str], None]) -> None:
+def _generate_share(
+    config: SweepConfig, state: PartialState, items: list[WorkItem], pipe, log: Callable[[str], None]
+) -> None:
     """Make this process's share of the images that do not exist yet (progress bar on the main process)."""
     images_dir = config.output / "images"
     share = process_share(items, state.process_index, state.num_processes)
@@ -165,15 +167,16 @@ def _generate_share(config: SweepConfig, state: PartialState, items: list[WorkIt
         f"{state.process_index + 1}/{state.num_processes} makes {len(share)}, {done} already done"
     )
     origin = {"device": device_name(state.device), "process": f"{state.process_index}/{state.num_processes}"}
-    with tqdm(total=len(share), initial=done, unit="image", desc="generating", disable=not state.is_main_process) as bar:
+    with tqdm(
+        total=len(share), initial=done, unit="image", desc="generating", disable=not state.is_main_process
+    ) as bar:
         generate(share, images_dir, ImageMaker(pipe, config.generation, state.device), origin, bar.update)
 
 
 def _select_reference(config: SweepConfig) -> list[Path]:
     if config.imagenet_val is None:
         raise UserError(
-            "--imagenet-val is required: the ImageNet-1k validation images for the FID reference, "
-            + OFFLINE_HINT
+            "--imagenet-val is required: the ImageNet-1k validation images for the FID reference, " + OFFLINE_HINT
         )
     wnids = [c.wnid for c in imagenet_classes()]
     if config.smoke:
@@ -198,7 +201,11 @@ def _check_run_settings(path: Path, settings: dict) -> None:
     if not path.is_file():
         return
     before = json.loads(path.read_text())
-    changed = [f"{key}: {before.get(key)!r} there, {value!r} now" for key, value in settings.items() if before.get(key) != value]
+    changed = [
+        f"{key}: {before.get(key)!r} there, {value!r} now"
+        for key, value in settings.items()
+        if before.get(key) != value
+    ]
     if changed:
         raise UserError(
             f"--output {path.parent} holds images made with other settings ({'; '.join(changed)}). "
@@ -235,7 +242,9 @@ def _evaluate(
             by_arm[item.arm].append(item)
         results = []
         for arm, arm_items in by_arm.items():
-            stats = image_statistics([image_path(images_dir, i) for i in arm_items], extractor, device, on_batch=bar.update)
+            stats = image_statistics(
+                [image_path(images_dir, i) for i in arm_items], extractor, device, on_batch=bar.update
+            )
             timings = [t for i in arm_items if (t := read_timing(images_dir, i)) is not None]
             seconds = [t["seconds"] for t in timings]
             results.append(
@@ -249,7 +258,8 @@ def _evaluate(
                     devices="; ".join(sorted({t["device"] for t in timings})),
                 )
             )
-    log(f"reference statistics ({len(reference_files)} images): {'reused from the cache' if reused else 'computed and cached'}")
+    cache = "reused from the cache" if reused else "computed and cached"
+    log(f"reference statistics ({len(reference_files)} images): {cache}")
     return results, provenance
 
 
@@ -267,7 +277,10 @@ def _write_results(
     rows = [(r.arm.name, [first_images[r.arm, c] for c in grid_classes]) for r in results]
     names = imagenet_classes()
     report.write_image_grid(
-        out / report.GRID_FILE, rows, [names[c].name.split(",")[0] for c in grid_classes], tile=min(config.generation.resolution, 192)
+        out / report.GRID_FILE,
+        rows,
+        [names[c].name.split(",")[0] for c in grid_classes],
+        tile=min(config.generation.resolution, 192),
     )
     if report.write_plot(out / report.PLOT_FILE, results):
         plot_line = f"plot: {out / report.PLOT_FILE}"

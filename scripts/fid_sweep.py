@@ -61,12 +61,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog="Protocol, output files and caveats: docs/fid_sweep.md"
     )
     add = parser.add_argument
-    add("--preset", choices=list(PRESETS), default="full", help="full: the real protocol (default); smoke: offline miniature on CPU")
+    add(
+        "--preset",
+        choices=list(PRESETS),
+        default="full",
+        help="full: the real protocol (default); smoke: offline miniature on CPU",
+    )
     add("--model", help=f"SD-1.5 hub id or local folder {preset_defaults('model')}")
-    add("--imagenet-val", type=Path, help="ImageNet-1k validation folder: class folders n0.../, or flat files with --imagenet-val-labels")
+    add(
+        "--imagenet-val",
+        type=Path,
+        help="ImageNet-1k validation folder: class folders n0.../, or flat files with --imagenet-val-labels",
+    )
     add("--imagenet-val-labels", type=Path, help="label file (wnids) for a flat validation folder")
-    add("--inception-weights", type=Path, help="local Inception weights (torch-fidelity's pt_inception-2015-12-05-6726825d.pth)")
-    add("--methods", help=f"comma-separated methods, or 'none' for the unpatched model only {preset_defaults('methods')}")
+    add(
+        "--inception-weights",
+        type=Path,
+        help="local Inception weights (torch-fidelity's pt_inception-2015-12-05-6726825d.pth)",
+    )
+    add(
+        "--methods",
+        help=f"comma-separated methods, or 'none' for the unpatched model only {preset_defaults('methods')}",
+    )
     add("--keep-rates", help=f"comma-separated keep rates in (0, 1] {preset_defaults('keep_rates')}")
     add("--classes", help=f"class indices and inclusive ranges {preset_defaults('classes')}")
     add("--images-per-class", type=int, help=f"1..10 {preset_defaults('images_per_class')}")
@@ -79,7 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.preset == "smoke":
         given = [f"--{name.replace('_', '-')}" for name in FULL_ONLY if getattr(args, name) is not None]
         if given:
-            parser.error(f"{', '.join(given)}: not with --preset smoke, which builds its own model, reference and extractor")
+            parser.error(
+                f"{', '.join(given)}: not with --preset smoke, which builds its own model, reference and extractor"
+            )
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -91,7 +109,9 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
     try:
         keep_rates = [float(r) for r in args.keep_rates.split(",")]
     except ValueError:
-        raise UserError(f"--keep-rates {args.keep_rates!r}: expected comma-separated numbers in (0, 1], e.g. 0.9,0.5") from None
+        raise UserError(
+            f"--keep-rates {args.keep_rates!r}: expected comma-separated numbers in (0, 1], e.g. 0.9,0.5"
+        ) from None
     if args.steps < 1:
         raise UserError(f"--steps {args.steps}: must be at least 1")
     if args.resolution < 8 or args.resolution % 8:

@@ -79,7 +79,7 @@ def test_missing_or_short_references_are_clear_errors(tmp_path):
         select_reference(tmp_path / "tree", WNIDS + ["n09999999"])
     with pytest.raises(UserError, match="fewer than 8 images, e.g. n01440764 \\(7\\)"):
         select_reference(tmp_path / "tree", WNIDS, per_class=8)
-    pairs = flat_tree(tmp_path / "flat")
+    flat_tree(tmp_path / "flat")
     with pytest.raises(UserError, match="--imagenet-val-labels"):
         select_reference(tmp_path / "flat", WNIDS)
 

@@ -21,7 +21,9 @@ SECONDS = {"baseline": 2.0, "tome_r0.9": 1.9, "tome_r0.5": 1.6, "atc_average_r0.
 
 
 def test_markdown_has_table_2_shape_with_best_marked(tmp_path):
-    report.write_markdown(tmp_path / "r.md", results_for(FIDS, SECONDS), {"dtype": "float16", "versions": {"torch": "x"}}, ["NOTE"])
+    report.write_markdown(
+        tmp_path / "r.md", results_for(FIDS, SECONDS), {"dtype": "float16", "versions": {"torch": "x"}}, ["NOTE"]
+    )
     text = (tmp_path / "r.md").read_text()
     assert "> NOTE" in text
     fid_table = text.split("## FID (lower is better)\n\n")[1].split("\n\n")[0].splitlines()
@@ -31,7 +33,9 @@ def test_markdown_has_table_2_shape_with_best_marked(tmp_path):
         "| tome | **33.80** | 33.77 | <u>**33.63**</u> |",  # 100 column: the unpatched model in every row
         "| atc_average | **33.80** | <u>**33.51**</u> | 33.90 |",
     ]
-    speed_table = text.split("## Seconds per image (speed-up over the unpatched model)\n\n")[1].split("\n\n")[0].splitlines()
+    speed_table = (
+        text.split("## Seconds per image (speed-up over the unpatched model)\n\n")[1].split("\n\n")[0].splitlines()
+    )
     assert speed_table[2] == "| tome | **2 s** | **1.9 s (1.05x)** | <u>**1.6 s (1.25x)**</u> |"
     assert speed_table[3] == "| atc_average | <u>**2 s**</u> | 2.5 s (0.80x) | 2.2 s (0.91x) |"
     assert '- **versions**: {"torch": "x"}' in text and "- **dtype**: float16" in text
@@ -45,13 +49,17 @@ def test_markdown_of_a_baseline_only_sweep(tmp_path):
 
 def test_csv_has_one_row_per_arm_with_provenance(tmp_path):
     results = results_for(FIDS, SECONDS)
-    report.write_csv(tmp_path / "r.csv", results, {"dtype": "float16", "reference_images": 5000, "versions": {"torch": "x"}})
+    report.write_csv(
+        tmp_path / "r.csv", results, {"dtype": "float16", "reference_images": 5000, "versions": {"torch": "x"}}
+    )
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert [r["arm"] for r in rows] == ["baseline", "tome_r0.9", "tome_r0.5", "atc_average_r0.9", "atc_average_r0.5"]
     assert rows[2]["method"] == "tome" and float(rows[2]["keep_rate"]) == 0.5 and float(rows[2]["fid"]) == 33.63
     assert float(rows[2]["speedup_vs_baseline"]) == pytest.approx(1.25)
     assert rows[0]["method"] == "" and rows[0]["images"] == "20" and rows[0]["devices"] == "cuda: test GPU"
-    assert all(r["dtype"] == "float16" and r["reference_images"] == "5000" and r["versions"] == '{"torch": "x"}' for r in rows)
+    assert all(
+        r["dtype"] == "float16" and r["reference_images"] == "5000" and r["versions"] == '{"torch": "x"}' for r in rows
+    )
     with pytest.raises(ValueError, match="would overwrite result columns"):
         report.write_csv(tmp_path / "bad.csv", results, {"fid": "a provenance field named like a column"})
 

@@ -48,7 +48,10 @@ def test_smoke_preset_runs_end_to_end_from_the_command_line(tmp_path):
     out = tmp_path / "smoke"
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--preset", "smoke", "--output", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
@@ -71,10 +74,16 @@ def test_killed_sweep_resumes_to_the_uninterrupted_result(tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert cli.main(SMALL + ["--output", str(whole)]) == 0
 
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *SMALL, "--output", str(resumed)], cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *SMALL, "--output", str(resumed)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
-    while len(list((resumed / "images").glob("*/*.png"))) < 5 and process.poll() is None and time.monotonic() < deadline:
+    while (
+        len(list((resumed / "images").glob("*/*.png"))) < 5 and process.poll() is None and time.monotonic() < deadline
+    ):
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -96,12 +105,28 @@ def test_killed_sweep_resumes_to_the_uninterrupted_result(tmp_path):
     assert all(images_resumed[n] == images_whole[n] for n in pngs)  # byte-identical images
     assert b'"seconds": -1.0' not in images_resumed["atc_average_r0.5/0417_1.json"]
     for a, b in zip(read_results(whole), read_results(resumed), strict=True):
-        assert (a["arm"], a["fid"], a["images"], a["timed_images"]) == (b["arm"], b["fid"], b["images"], b["timed_images"])
+        assert (a["arm"], a["fid"], a["images"], a["timed_images"]) == (
+            b["arm"],
+            b["fid"],
+            b["images"],
+            b["timed_images"],
+        )
 
 
 def test_rerun_into_an_output_made_with_other_settings_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
-    tiny = ["--preset", "smoke", "--methods", "none", "--classes", "18,207", "--images-per-class", "1", "--output", str(out)]
+    tiny = [
+        "--preset",
+        "smoke",
+        "--methods",
+        "none",
+        "--classes",
+        "18,207",
+        "--images-per-class",
+        "1",
+        "--output",
+        str(out),
+    ]
     assert cli.main(tiny) == 0
     capsys.readouterr()
     assert cli.main(tiny + ["--steps", "2"]) == 2
@@ -142,7 +167,9 @@ def test_missing_model_and_inception_weights_name_their_flag(tmp_path, monkeypat
     with pytest.raises(UserError, match="--inception-weights: no file at /nonexistent.pth.*--preset smoke"):
         inception_extractor(Path("/nonexistent.pth"))
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed
-    with pytest.raises(UserError, match='needs torch-fidelity and torchvision .*pip install -e ".\\[fidelity\\]".*--preset smoke'):
+    with pytest.raises(
+        UserError, match='needs torch-fidelity and torchvision .*pip install -e ".\\[fidelity\\]".*--preset smoke'
+    ):
         inception_extractor(None)
 
 
@@ -164,8 +191,23 @@ def test_two_processes_split_the_work_and_each_image_is_made_once(tmp_path):
     out = tmp_path / "two"
     args = ["--preset", "smoke", "--methods", "tome", "--classes", "18,207,417"]
     done = subprocess.run(  # torchrun, as accelerate launch does it; --standalone: a free port on localhost
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), *args, "--output", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(SCRIPT),
+            *args,
+            "--output",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "process 1/2 makes 6" in done.stdout
@@ -173,7 +215,8 @@ def test_two_processes_split_the_work_and_each_image_is_made_once(tmp_path):
     for process in range(2):
         expected = {f"{i.arm.name}/{i.stem}" for i in process_share(items, process, 2)}
         made = {
-            f"{p.parent.name}/{p.stem}" for p in (out / "images").glob("*/*.json")
+            f"{p.parent.name}/{p.stem}"
+            for p in (out / "images").glob("*/*.json")
             if f'"process": "{process}/2"' in p.read_text()
         }
         assert made == expected

@@ -3,7 +3,6 @@
 import pytest
 
 from eval.errors import UserError
-from eval.imagenet_classes import imagenet_classes
 from eval.seeds import image_seed
 from eval.worklist import Arm, make_arms, make_work_list, process_share
 
@@ -22,8 +21,14 @@ def test_arms_are_the_baseline_then_methods_by_keep_rate():
 
 @pytest.mark.parametrize(
     "methods, rates, message",
-    [(["tomee"], [0.5], "unknown method 'tomee'"), (["topk"], [0.5], "topk"), (["tome"], [0.0], "r=0.0"),
-     (["tome"], [1.5], "r=1.5"), (["tome", "tome"], [0.5], "--methods"), (["tome"], [0.5, 0.5], "--keep-rates")],
+    [
+        (["tomee"], [0.5], "unknown method 'tomee'"),
+        (["topk"], [0.5], "topk"),
+        (["tome"], [0.0], "r=0.0"),
+        (["tome"], [1.5], "r=1.5"),
+        (["tome", "tome"], [0.5], "--methods"),
+        (["tome"], [0.5, 0.5], "--keep-rates"),
+    ],
 )
 def test_bad_arms_are_named(methods, rates, message):
     with pytest.raises(UserError, match=message):
