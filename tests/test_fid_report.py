@@ -1,0 +1,107 @@
+"""The result files: results.csv, results.md in the shape of ATC Table 2, the plot, the image grid."""
+
+import csv
+import sys
+
+import pytest
+from PIL import Image
+
+from eval import report
+from eval.report import ArmResult
+from eval.worklist import make_arms
+
+
+def results_for(fids: dict, seconds: dict) -> list[ArmResult]:
+    arms = make_arms(["tome", "atc_average"], [0.9, 0.5])
+    return [ArmResult(a, fids[a.name], 20, seconds[a.name], 0.01, 20, "cuda: test GPU") for a in arms]
+
+
+FIDS = {"baseline": 33.80, "tome_r0.9": 33.77, "tome_r0.5": 33.63, "atc_average_r0.9": 33.51, "atc_average_r0.5": 33.90}
+SECONDS = {"baseline": 2.0, "tome_r0.9": 1.9, "tome_r0.5": 1.6, "atc_average_r0.9": 2.5, "atc_average_r0.5": 2.2}
+
+
+def test_markdown_has_table_2_shape_with_best_marked(tmp_path):
+    report.write_markdown(
+        tmp_path / "r.md", results_for(FIDS, SECONDS), {"dtype": "float16", "versions": {"torch": "x"}}, ["NOTE"]
+    )
+    text = (tmp_path / "r.md").read_text()
+    assert "> NOTE" in text
+    fid_table = text.split("## FID (lower is better)\n\n")[1].split("\n\n")[0].splitlines()
+    assert fid_table == [
+        "| r (%) | 100 | 90 | 50 |",
+        "|---|---|---|---|",
+        "| tome | **33.80** | 33.77 | <u>**33.63**</u> |",  # 100 column: the unpatched model in every row
+        "| atc_average | **33.80** | <u>**33.51**</u> | 33.90 |",
+    ]
+    speed_table = (
+        text.split("## Seconds per image (speed-up over the unpatched model)\n\n")[1].split("\n\n")[0].splitlines()
+    )
+    assert speed_table[2] == "| tome | **2 s** | **1.9 s (1.05x)** | <u>**1.6 s (1.25x)**</u> |"
+    assert speed_table[3] == "| atc_average | <u>**2 s**</u> | 2.5 s (0.80x) | 2.2 s (0.91x) |"
+    assert '- **versions**: {"torch": "x"}' in text and "- **dtype**: float16" in text
+
+
+def test_markdown_of_a_baseline_only_sweep(tmp_path):
+    only = results_for(FIDS, SECONDS)[:1]
+    report.write_markdown(tmp_path / "r.md", only, {}, [])
+    assert "| baseline | **33.80** |" in (tmp_path / "r.md").read_text()
+
+
+def test_csv_has_one_row_per_arm_with_provenance(tmp_path):
+    results = results_for(FIDS, SECONDS)
+    report.write_csv(
+        tmp_path / "r.csv", results, {"dtype": "float16", "reference_images": 5000, "versions": {"torch": "x"}}
+    )
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert [r["arm"] for r in rows] == ["baseline", "tome_r0.9", "tome_r0.5", "atc_average_r0.9", "atc_average_r0.5"]
+    assert rows[2]["method"] == "tome" and float(rows[2]["keep_rate"]) == 0.5 and float(rows[2]["fid"]) == 33.63
+    assert float(rows[2]["speedup_vs_baseline"]) == pytest.approx(1.25)
+    assert rows[0]["method"] == "" and rows[0]["images"] == "20" and rows[0]["devices"] == "cuda: test GPU"
+    assert all(
+        r["dtype"] == "float16" and r["reference_images"] == "5000" and r["versions"] == '{"torch": "x"}' for r in rows
+    )
+    with pytest.raises(ValueError, match="would overwrite result columns"):
+        report.write_csv(tmp_path / "bad.csv", results, {"fid": "a provenance field named like a column"})
+
+
+def test_plot_is_written_with_matplotlib_and_skipped_without(tmp_path, monkeypatch):
+    """matplotlib is in the dev extra (for this test); users without the plots extra get no plot."""
+    results = results_for(FIDS, SECONDS)
+    assert report.write_plot(tmp_path / "plot.png", results)
+    assert Image.open(tmp_path / "plot.png").size[0] > 500
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert not report.write_plot(tmp_path / "none.png", results)
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_image_grid_has_one_row_per_arm_and_one_column_per_class(tmp_path):
+    paths = []
+    for j, colour in enumerate(["red", "blue"]):
+        paths.append(tmp_path / f"{j}.png")
+        Image.new("RGB", (32, 32), colour).save(paths[-1])
+    rows = [("baseline", paths), ("tome_r0.5", paths[::-1])]
+    report.write_image_grid(tmp_path / "grid.png", rows, ["magpie", "volcano"], tile=16)
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (170 + 2 * 16, 24 + 2 * 16)
+    assert grid.getpixel((170 + 8, 24 + 8)) == (255, 0, 0)
+    assert grid.getpixel((170 + 8, 24 + 16 + 8)) == (0, 0, 255)
+
+
+def test_the_atc_papers_table_2_numbers_get_the_papers_marks(tmp_path):
+    """ATC Table 2 (FID, keep rate 100..40%): bold = best per column, underlined = best per row."""
+    rates = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    paper = {
+        "tome": [33.77, 33.61, 33.59, 33.57, 33.63, 33.67],
+        "atc_single": [33.63, 33.48, 33.53, 33.43, 34.01, 36.95],
+        "atc_average": [33.51, 33.45, 33.33, 33.40, 33.36, 33.22],
+    }
+    arms = make_arms(list(paper), rates)
+    fids = {"baseline": 33.80} | {a.name: paper[a.method][rates.index(a.keep_rate)] for a in arms[1:]}
+    results = [ArmResult(a, fids[a.name], 2000, None, None, 0, "") for a in arms]
+    report.write_markdown(tmp_path / "r.md", results, {}, [])
+    table = (tmp_path / "r.md").read_text().split("## FID (lower is better)\n\n")[1].split("\n\n")[0].splitlines()
+    assert table[2:] == [
+        "| tome | **33.80** | 33.77 | 33.61 | 33.59 | <u>33.57</u> | 33.63 | 33.67 |",
+        "| atc_single | **33.80** | 33.63 | 33.48 | 33.53 | <u>33.43</u> | 34.01 | 36.95 |",
+        "| atc_average | **33.80** | **33.51** | **33.45** | **33.33** | **33.40** | **33.36** | <u>**33.22**</u> |",
+    ]
