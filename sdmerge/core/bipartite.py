@@ -57,8 +57,9 @@ def random_2d_split(
     is_dst.scatter_(2, cell, True)
     grid = torch.zeros(h, w, dtype=torch.bool, device=device)
     grid[: hsy * sy, : wsx * sx] = is_dst.view(hsy, wsx, sy, sx).transpose(1, 2).reshape(hsy * sy, wsx * sx)
-    grid = grid.flatten()
-    return (~grid).nonzero().squeeze(1), grid.nonzero().squeeze(1)
+    # Destinations first, each group in raster order; the count is known, so no device sync.
+    order = torch.argsort((~grid.flatten()).to(torch.uint8), stable=True)
+    return order[hsy * wsx :], order[: hsy * wsx]
 
 
 def bipartite_soft_matching(
