@@ -17,9 +17,9 @@ Algorithm (reciprocal nearest neighbours, RNN):
   2x2 block of old distances with an expression symmetric in the two pairs, so the matrix
   stays exactly symmetric.
 * Nearest neighbours are kept exact (smallest distance, then smallest index), recomputing only
-  rows whose neighbour was merged or that a new cluster ties or undercuts. With this
-  tie-break the nearest-neighbour graph has no cycle longer than two, so a round always finds
-  a pair.
+  rows whose neighbour was merged or that a new cluster ties or undercuts (single linkage
+  keeps a merged neighbour: its distance is unchanged). With this tie-break the
+  nearest-neighbour graph has no cycle longer than two, so a round always finds a pair.
 * The linkages are monotone, so the ``k``-cluster cut consists of the ``N - k`` lowest merges
   of the dendrogram, and no future merge is lower than the current smallest distance: the
   loop stops once ``N - k`` recorded merges lie at or below it.
@@ -186,6 +186,10 @@ class _Agglomeration:
         self.buffer_b = torch.empty(chunk, N, dtype=dtype, device=device)
         self.column_index = torch.empty(N, chunk, dtype=torch.int64, device=device)
         self.column_value = torch.empty(N, chunk, dtype=dtype, device=device)
+        if linkage == "single":  # buffers of the tie check in _write_columns
+            self.candidate = torch.empty(chunk, N, dtype=torch.int64, device=device)
+            self.tie = torch.empty(chunk, N, dtype=torch.bool, device=device)
+            self.no_slot = torch.tensor(N, device=device)
         self.column_step = (self.positions * N).unsqueeze(1)  # [N, 1] offsets along a column
 
     def run(self, k: int) -> Tensor:
@@ -234,12 +238,11 @@ class _Agglomeration:
             _lance_williams_(row_i, row_j, size_i[s:e], size_j[s:e], self.linkage)
             self.rows.index_copy_(0, flat_i[s:e], row_i)
             undercut.scatter_reduce_(0, b[s:e].unsqueeze(1).expand_as(row_i), row_i, "amin")
-        self._write_columns(b, i, j, flat_i)
+        undercut_index = self._write_columns(b, i, j, flat_i, undercut)
         block.masked_fill_(same_i == i.unsqueeze(1), _INF)
-        D[b.unsqueeze(1), i.unsqueeze(1), same_i] = block
-        D[b.unsqueeze(1), i.unsqueeze(1), same_j] = _INF
+        D[b.unsqueeze(1), i.unsqueeze(1), same_i] = block  # columns same_j are +inf already
         self.size[b, i] = (size_i + size_j).squeeze(1)
-        self._refresh_neighbours(b, i, j, undercut)
+        self._refresh_neighbours(b, i, j, undercut, undercut_index)
         return True
 
     def _pairs_of_sample(self, pairs: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -254,28 +257,55 @@ class _Agglomeration:
         same_j = self.nn.gather(1, same_i)
         return same_i[b], same_j[b]
 
-    def _write_columns(self, b: Tensor, i: Tensor, j: Tensor, flat_i: Tensor) -> None:
-        """Mirror the new rows ``i`` into columns ``i``; columns of absorbed slots ``j`` become +inf."""
+    def _write_columns(self, b: Tensor, i: Tensor, j: Tensor, flat_i: Tensor, undercut: Tensor) -> Tensor:
+        """Mirror the new rows ``i`` into columns ``i``; columns of absorbed slots ``j`` become +inf.
+
+        Single linkage also needs, for every slot, the smallest new cluster ``i`` at distance
+        ``undercut`` (``N`` where none): it is read off the same rows and returned (else ``None``).
+        """
         flat = self.D.view(-1)
-        NN = self.N * self.N
+        N, NN = self.N, self.N * self.N
+        single = self.linkage == "single"
+        undercut_index = torch.full((self.B, N), N, dtype=torch.int64, device=self.D.device) if single else None
         for s in range(0, b.numel(), self.chunk):
             e = min(b.numel(), s + self.chunk)
             rows, index, values = self.buffer_a[: e - s], self.column_index[:, : e - s], self.column_value[:, : e - s]
             torch.index_select(self.rows, 0, flat_i[s:e], out=rows)
+            if single:
+                lowest = self.buffer_b[: e - s]
+                torch.index_select(undercut, 0, b[s:e], out=lowest)
+                tie = torch.eq(rows, lowest, out=self.tie[: e - s])
+                candidate = torch.where(tie, i[s:e].unsqueeze(1), self.no_slot, out=self.candidate[: e - s])
+                undercut_index.scatter_reduce_(0, b[s:e].unsqueeze(1).expand_as(candidate), candidate, "amin")
             values.copy_(rows.t())
             torch.add(self.column_step, (b[s:e] * NN + i[s:e]).unsqueeze(0), out=index)
             flat.index_copy_(0, index.reshape(-1), values.reshape(-1))
             torch.add(self.column_step, (b[s:e] * NN + j[s:e]).unsqueeze(0), out=index)
             flat.index_fill_(0, index.reshape(-1), _INF)
+        return undercut_index
 
-    def _refresh_neighbours(self, b: Tensor, i: Tensor, j: Tensor, undercut: Tensor) -> None:
-        """Recompute the nearest neighbour of new clusters, of rows whose neighbour was merged, and
-        of rows that a new cluster ties or undercuts (``undercut``: per sample, the smallest
-        distance from any new cluster to each slot)."""
-        merged = torch.zeros_like(self.active)
-        merged[b, i] = True
-        merged[b, j] = True
-        stale = self.active & (merged.gather(1, self.nn) | (undercut <= self.nn_dist))
+    def _refresh_neighbours(
+        self, b: Tensor, i: Tensor, j: Tensor, undercut: Tensor, undercut_index: Tensor | None
+    ) -> None:
+        """Keep every active slot's nearest neighbour exact (smallest distance, then index).
+
+        ``undercut``: per slot, the smallest distance to a new cluster. Recomputed: new clusters,
+        and rows that a new cluster undercuts or ties. Complete and average linkage also
+        recompute rows whose neighbour was merged (their distance to it changed). Single linkage
+        keeps such a neighbour, now slot ``i`` (``min(d_ki, d_kj)`` is the old distance), and
+        recomputes a tie only when the tying new cluster has a smaller index (``undercut_index``).
+        """
+        if undercut_index is not None:  # single linkage
+            redirect = self.positions.expand(self.B, self.N).clone()
+            redirect[b, j] = i
+            self.nn = redirect.gather(1, self.nn)
+            stale = (undercut < self.nn_dist) | ((undercut == self.nn_dist) & (undercut_index < self.nn))
+        else:
+            merged = torch.zeros_like(self.active)
+            merged[b, i] = True
+            merged[b, j] = True
+            stale = merged.gather(1, self.nn) | (undercut <= self.nn_dist)
+        stale &= self.active
         stale[b, i] = True
         self.nn_dist.masked_fill_(~self.active, _INF)
         sb, sk = stale.nonzero(as_tuple=True)
