@@ -8,9 +8,11 @@ metric ``[B, N, D]`` into ``k = N - floor(N * (1 - keep))`` clusters:
   float64 copy on the host, ``scipy.cluster.hierarchy.linkage`` + ``fcluster(maxclust)``.
 
 Repetitions are interleaved (sdmerge, authors, sdmerge, ...) after one untimed warm-up of each;
-the table reports median milliseconds per call, the ratio authors/sdmerge (> 1: sdmerge is
-faster), and whether sdmerge's partition equals scipy's on sdmerge's own float64 distance
-matrix (the exactness oracle) and the authors' partition (computed from their own float32 product).
+the table reports median milliseconds per call, the speedup authors/sdmerge (> 1: sdmerge is
+faster) as the median of the ratios within each repetition (robust to the machine's load
+drifting between repetitions) with their range, and whether sdmerge's partition equals
+scipy's on sdmerge's own float64 distance matrix (the exactness oracle) and the authors'
+partition (computed from their own float32 product).
 
     python scripts/bench_clustering.py            # full grid (a few minutes on 2 CPU cores)
     python scripts/bench_clustering.py --quick    # a small grid, seconds
@@ -85,10 +87,12 @@ def run_case(tokens, batch, keep, method, dim, repeats, device):
         for ours, theirs in zip(ours_labels, authors_labels)
     )
     ours_ms, authors_ms = 1e3 * statistics.median(ours_times), 1e3 * statistics.median(authors_times)
+    speedups = [theirs / ours for ours, theirs in zip(ours_times, authors_times)]
     return {
         "N": tokens, "B": batch, "keep": keep, "linkage": method, "k": k,
         "sdmerge_ms": round(ours_ms, 2), "authors_ms": round(authors_ms, 2),
-        "speedup": round(authors_ms / ours_ms, 2),
+        "speedup": round(statistics.median(speedups), 2),
+        "speedup_min": round(min(speedups), 2), "speedup_max": round(max(speedups), 2),
         "same_as_scipy": same_as_scipy, "same_as_authors": same_as_authors,
     }
 
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f", metric float32 D={args.dim}, {args.repeats} interleaved repeats, median ms per call")
     rows = []
-    header = "| N | B | keep | linkage | sdmerge ms | authors' path ms | speedup | same as scipy | same as authors |"
+    header = "| N | B | keep | linkage | sdmerge ms | authors' path ms | speedup (range) | same as scipy | same as authors |"
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
     for tokens in args.tokens:
@@ -123,7 +127,7 @@ def main(argv=None) -> int:
                     row = run_case(tokens, batch, keep, method, args.dim, args.repeats, device)
                     rows.append(row)
                     print(f"| {tokens} | {batch} | {keep} | {method} | {row['sdmerge_ms']:.1f} | "
-                          f"{row['authors_ms']:.1f} | {row['speedup']:.2f}x | "
+                          f"{row['authors_ms']:.1f} | {row['speedup']:.2f}x ({row['speedup_min']:.2f}-{row['speedup_max']:.2f}) | "
                           f"{'yes' if row['same_as_scipy'] else 'NO'} | {'yes' if row['same_as_authors'] else 'no'} |",
                           flush=True)
     if args.csv:
