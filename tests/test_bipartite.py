@@ -77,3 +77,17 @@ def test_removing_more_than_the_sources_raises():
     src, dst = random_2d_split(4, 4, 2, 2)
     with pytest.raises(ValueError, match="can remove at most 12 of 16 tokens"):
         bipartite_soft_matching(torch.randn(1, 16, 4), 13, src, dst)
+
+
+def test_similarity_in_chunks_equals_the_whole_score_matrix(monkeypatch):
+    from sdmerge.core import similarity
+
+    metric = torch.randn(2, 300, 16, generator=torch.Generator().manual_seed(3))
+    src, dst = random_2d_split(15, 20, 2, 2, generator=torch.Generator().manual_seed(4))
+    whole_score, whole_choice = similarity.most_similar(metric, src, dst)
+    monkeypatch.setattr(similarity, "SCORE_CHUNK_ELEMENTS", 2 * dst.numel() * 7)  # 7 source rows per chunk
+    score, choice = similarity.most_similar(metric, src, dst)
+    assert torch.equal(choice, whole_choice) and torch.equal(score, whole_score)
+    plan = bipartite_soft_matching(metric, 120, src, dst)
+    monkeypatch.setattr(similarity, "SCORE_CHUNK_ELEMENTS", 1 << 22)
+    assert torch.equal(plan.labels, bipartite_soft_matching(metric, 120, src, dst).labels)
