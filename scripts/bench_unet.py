@@ -17,9 +17,18 @@ so it pays for the prompt mass and the value norms.
 The table gives the median seconds per step (elapsed, or with ``--clock cpu`` this process's
 CPU time), the ratio to the unpatched UNet, the ratio of sdmerge ``tome`` to tomesd at the
 same setting (the median of the ratios within each repetition, and their range), and the
-share of the step spent computing merge plans (sdmerge: grouping, split and importance, plus
-for ``cis`` the prompt attention mass; tomesd: its ``compute_merge``), timed around those
-calls (exact on the CPU; on a GPU each timer synchronises the device).
+share of the step spent on the work merging adds, timed around the calls that do it (exact
+on the CPU; on a GPU each timer synchronises the device):
+
+- plan: computing merge plans (sdmerge: grouping, split and importance, plus for ``cis`` the
+  prompt attention mass; tomesd: its ``compute_merge``, which computes the matching);
+- merge/unmerge: applying them (sdmerge: ``MergePlan.merge`` / ``unmerge``; tomesd: the merge
+  and unmerge functions ``compute_merge`` returns).
+
+Everything else in a merged step is the same work for both libraries (the same layers on the
+same numbers of tokens), so for ``tome`` the table also gives the ratio of this added work,
+sdmerge over tomesd (median of the per-repetition ratios): unlike whole steps, it is not
+drowned by the machine's noise.
 
 Weights: random, from SD-1.5's UNet config (no download), unless ``--unet`` names a local
 diffusers UNet directory or a pipeline directory (loaded with ``from_pretrained``).
@@ -42,12 +51,14 @@ import time
 from dataclasses import dataclass, field
 
 import tomesd
+import tomesd.merge
 import tomesd.patch
 import torch
 from diffusers import UNet2DConditionModel
 
 import sdmerge
 import sdmerge.prompt_importance
+from sdmerge.core import MergePlan
 from sdmerge.stable_diffusion import MergedBlock
 
 SD15_UNET_CONFIG = dict(  # runwayml/stable-diffusion-v1-5, unet/config.json
@@ -76,6 +87,7 @@ class Setting:
     keep_rate: float | None = None
     times: list[float] = field(default_factory=list)
     plan_times: list[float] = field(default_factory=list)
+    merging_times: list[float] = field(default_factory=list)
 
     def patch(self, unet: UNet2DConditionModel) -> None:
         tomesd.remove_patch(unet)
@@ -101,15 +113,19 @@ def settings(methods=METHODS) -> list[Setting]:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-class PlanTimer:
-    """Accumulates the seconds spent computing merge plans, by wrapping the functions that do it."""
+class OverheadTimer:
+    """Accumulates the seconds spent on the work merging adds to a step, by wrapping the
+    functions that do it: ``plan`` (computing merge plans) and ``merging`` (merge and unmerge)."""
 
     def __init__(self, device: torch.device, clock):
         self.device = device
         self.clock = clock
-        self.seconds = 0.0
+        self.reset()
 
-    def _timed(self, function):
+    def reset(self) -> None:
+        self.seconds = {"plan": 0.0, "merging": 0.0}
+
+    def _timed(self, function, kind: str):
         def wrapper(*args, **kwargs):
             synchronize(self.device)
             start = self.clock()
@@ -117,24 +133,36 @@ class PlanTimer:
                 return function(*args, **kwargs)
             finally:
                 synchronize(self.device)
-                self.seconds += self.clock() - start
+                self.seconds[kind] += self.clock() - start
+
+        return wrapper
+
+    def _timed_tomesd_plan(self, compute_merge):
+        """tomesd's ``compute_merge``, timed as a plan, returning timed merge/unmerge functions."""
+        timed = self._timed(compute_merge, "plan")
+
+        def wrapper(*args, **kwargs):
+            functions = timed(*args, **kwargs)
+            return tuple(f if f is tomesd.merge.do_nothing else self._timed(f, "merging") for f in functions)
 
         return wrapper
 
     @contextlib.contextmanager
     def installed(self):
         targets = [
-            (MergedBlock, "merge_plan"),
-            (sdmerge.prompt_importance, "prompt_attention_mass"),
-            (tomesd.patch, "compute_merge"),
+            (MergedBlock, "merge_plan", lambda f: self._timed(f, "plan")),
+            (sdmerge.prompt_importance, "prompt_attention_mass", lambda f: self._timed(f, "plan")),
+            (MergePlan, "merge", lambda f: self._timed(f, "merging")),
+            (MergePlan, "unmerge", lambda f: self._timed(f, "merging")),
+            (tomesd.patch, "compute_merge", self._timed_tomesd_plan),
         ]
-        originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
-        for owner, name, function in originals:
-            setattr(owner, name, self._timed(function))
+        originals = [(owner, name, getattr(owner, name), wrap) for owner, name, wrap in targets]
+        for owner, name, function, wrap in originals:
+            setattr(owner, name, wrap(function))
         try:
             yield self
         finally:
-            for owner, name, function in originals:
+            for owner, name, function, _ in originals:
                 setattr(owner, name, function)
 
 
@@ -163,17 +191,17 @@ def load_unet(path: str | None, dtype: torch.dtype, device: torch.device) -> UNe
     return unet.to(device=device, dtype=dtype).eval()
 
 
-def time_step(unet, setting: Setting, inputs, device: torch.device, timer: PlanTimer) -> tuple[float, float]:
-    """Seconds of one UNet call, and of the plan computations inside it."""
+def time_step(unet, setting: Setting, inputs, device: torch.device, timer: OverheadTimer) -> float:
+    """Seconds of one UNet call; ``timer.seconds`` holds the work merging added to it."""
     sample, context = inputs
     if setting.method == "cis":  # a first call, untimed, so that the timed one has a prompt mass
         unet(sample, 501, context)
-    timer.seconds = 0.0
+    timer.reset()
     synchronize(device)
     start = timer.clock()
     unet(sample, 500, context)
     synchronize(device)
-    return timer.clock() - start, timer.seconds
+    return timer.clock() - start
 
 
 def run_resolution(
@@ -186,16 +214,17 @@ def run_resolution(
     context = torch.randn(batch, PROMPT_TOKENS, unet.config.cross_attention_dim, generator=generator)
     inputs = (sample, context.to(device=device, dtype=dtype))
     table = settings(methods)
-    timer = PlanTimer(device, clock)
+    timer = OverheadTimer(device, clock)
     with torch.no_grad(), timer.installed():
         table[0].patch(unet)
-        print(f"  {side}px warm-up {time_step(unet, table[0], inputs, device, timer)[0]:8.3f} s", flush=True)
+        print(f"  {side}px warm-up {time_step(unet, table[0], inputs, device, timer):8.3f} s", flush=True)
         for repetition in range(1, repetitions + 1):
             for setting in table:
                 setting.patch(unet)
-                seconds, plan_seconds = time_step(unet, setting, inputs, device, timer)
+                seconds = time_step(unet, setting, inputs, device, timer)
                 setting.times.append(seconds)
-                setting.plan_times.append(plan_seconds)
+                setting.plan_times.append(timer.seconds["plan"])
+                setting.merging_times.append(timer.seconds["merging"])
                 print(f"  {side}px rep {repetition} {setting.label:<26} {seconds:8.3f} s", flush=True)
     tomesd.remove_patch(unet)
     sdmerge.remove(unet)
@@ -204,20 +233,34 @@ def run_resolution(
 
 def markdown(side: int, table: list[Setting], clock: str) -> str:
     base = statistics.median(table[0].times)
-    tomesd_times = {s.keep_rate: s.times for s in table if s.library == "tomesd"}
-    header = f"| {side}x{side}, batch {RESOLUTIONS[side]} | median {clock} s/step | vs unpatched |"
-    lines = [header + " sdmerge tome / tomesd (range) | plan share |", "| --- | ---: | ---: | ---: | ---: |"]
+    tomesd_runs = {s.keep_rate: s for s in table if s.library == "tomesd"}
+
+    def paired(ours: list[float], theirs: list[float]) -> str:
+        ratios = [a / b for a, b in zip(ours, theirs)]
+        return f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+
+    def share(times: list[float], setting: Setting) -> str:
+        return f"{100 * statistics.median(t / step for t, step in zip(times, setting.times)):.1f}%"
+
+    lines = [
+        f"| {side}x{side}, batch {RESOLUTIONS[side]} | median {clock} s/step | vs unpatched "
+        "| sdmerge tome / tomesd: step (range) | plan share | merge/unmerge share "
+        "| sdmerge tome / tomesd: added work (range) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for setting in table:
         median = statistics.median(setting.times)
-        versus_tomesd = ""
+        cells = [setting.label, f"{median:.3f}", f"{median / base:.3f}", "", "", "", ""]
+        if setting.library != "none":
+            cells[4], cells[5] = share(setting.plan_times, setting), share(setting.merging_times, setting)
         if setting.library == "sdmerge" and setting.method == "tome":  # paired within each repetition
-            ratios = [t / reference for t, reference in zip(setting.times, tomesd_times[setting.keep_rate])]
-            versus_tomesd = f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
-        share = statistics.median(p / t for p, t in zip(setting.plan_times, setting.times))
-        lines.append(
-            f"| {setting.label} | {median:.3f} | {median / base:.3f} | {versus_tomesd} | "
-            f"{'' if setting.library == 'none' else f'{100 * share:.1f}%'} |"
-        )
+            theirs = tomesd_runs[setting.keep_rate]
+            cells[3] = paired(setting.times, theirs.times)
+            cells[6] = paired(
+                [p + m for p, m in zip(setting.plan_times, setting.merging_times)],
+                [p + m for p, m in zip(theirs.plan_times, theirs.merging_times)],
+            )
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
