@@ -142,15 +142,13 @@ class _AttentionForward:
         query, key = attn.q_norm(query), attn.k_norm(key)
         dropout = attn.attn_drop.p if attn.training else 0.0
 
-        def standard():
-            if attn.fused_attn:
-                fused = torch.nn.functional.scaled_dot_product_attention
-                return fused(query, key, value, attn_mask=attn_mask, dropout_p=dropout), None
+        if attn.fused_attn:
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout)
+        else:
             logits = (query * attn.scale) @ key.transpose(-2, -1)  # timm's unfused arithmetic
             probabilities = (logits if attn_mask is None else logits + attn_mask).softmax(dim=-1)
-            return attn.attn_drop(probabilities) @ value, probabilities
-
-        out, _ = state.attend(self.index, query, key, value, attn.scale, attn_mask, standard)
+            out = attn.attn_drop(probabilities) @ value
+        state.record_attention(self.index, query, key, value, attn.scale, attn_mask)
         out = attn.norm(out.transpose(1, 2).reshape(B, N, -1))
         if gate is not None:
             out = out * gate

@@ -137,20 +137,18 @@ class ReductionState:
             return None
         return proportional_attention_bias(self.sizes, dtype)
 
-    def attend(self, block: int, query: Tensor, key: Tensor, value: Tensor, scaling: float, bias, standard):
-        """The attention of ``block``: ``standard()``, the model's own attention with ``bias`` as its
-        additive mask, returning ``(out, probabilities or None)``.
+    def record_attention(self, block: int, query: Tensor, key: Tensor, value: Tensor, scaling: float, bias) -> None:
+        """Keep what :meth:`reduce` needs from the attention ``block`` just computed, if it reduces.
 
-        ``query``/``key``/``value``: ``[B, H, N, Dh]``; ``bias``: :meth:`attention_bias`. A reducing
-        block records its keys and values, and for the methods that need it the class token's
-        attention row (:func:`class_token_attention`, same logits and bias), for :meth:`reduce`.
+        ``query``/``key``/``value``: ``[B, H, N, Dh]``; ``scaling`` and ``bias`` (:meth:`attention_bias`)
+        as the block's attention used them. Kept: the keys and values, and for the methods that
+        need it the class token's attention row (:func:`class_token_attention`, same logits and bias).
         """
-        out, probabilities = standard()
-        if self.reduces(block):
-            self._recorded = {"keys": key, "values": value}
-            if self.config.method.needs_importance:
-                self._recorded["class_attention"] = class_token_attention(query, key, scaling, bias)
-        return out, probabilities
+        if not self.reduces(block):
+            return
+        self._recorded = {"keys": key, "values": value}
+        if self.config.method.needs_importance:
+            self._recorded["class_attention"] = class_token_attention(query, key, scaling, bias)
 
     def reduce(self, block: int, x: Tensor) -> Tensor:
         """Reduce ``x: [B, N, C]`` to ``[B, N - removals[block], C]`` with the recorded attention.

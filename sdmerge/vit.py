@@ -189,15 +189,11 @@ class _AttentionForward:
         value = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
         dropout = attn.attention_dropout if attn.training else 0.0
 
-        def standard():
-            implementation = attn.config._attn_implementation
-            check_attention_implementation(implementation, attention_mask is not None)
-            function = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self.eager)
-            out, probabilities = function(
-                attn, query, key, value, attention_mask, dropout=dropout, scaling=attn.scaling, **kwargs
-            )
-            return out.transpose(1, 2), probabilities  # transformers returns [B, N, H, Dh]
-
-        out, probabilities = state.attend(self.block, query, key, value, attn.scaling, attention_mask, standard)
-        out = out.transpose(1, 2)
+        implementation = attn.config._attn_implementation
+        check_attention_implementation(implementation, attention_mask is not None)
+        function = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self.eager)
+        out, probabilities = function(  # out: [B, N, H, Dh]
+            attn, query, key, value, attention_mask, dropout=dropout, scaling=attn.scaling, **kwargs
+        )
+        state.record_attention(self.block, query, key, value, attn.scaling, attention_mask)
         return attn.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), probabilities

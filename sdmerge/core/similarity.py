@@ -35,7 +35,7 @@ def most_similar(metric: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tens
     """
     unit = F.normalize(metric, dim=-1)
     sources, destinations = gather_tokens(unit, src), gather_tokens(unit, dst).transpose(-1, -2)
-    B, n_src, n_dst = sources.shape[0], sources.shape[1], destinations.shape[2]
+    B, n_dst = sources.shape[0], destinations.shape[2]
     rows = max(1, SCORE_CHUNK_ELEMENTS // max(1, B * n_dst))
     best = [(chunk @ destinations).max(dim=-1) for chunk in sources.split(rows, dim=1)]  # [B, rows, n_dst] each
     if len(best) == 1:
