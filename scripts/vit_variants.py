@@ -58,18 +58,15 @@ def timed_forward(model, pixel_values: torch.Tensor, clock: str = "wall"):
     CPU time of this process (CPU only), which other processes on a shared machine disturb far
     less than wall time.
     """
-    if clock == "cpu":
-        if pixel_values.is_cuda:
-            raise ValueError("clock='cpu' measures CPU time; it cannot time a CUDA forward")
-        start = time.process_time()
-        output = model(pixel_values)
-        return output, time.process_time() - start
+    if clock == "cpu" and pixel_values.is_cuda:
+        raise ValueError("clock='cpu' measures CPU time; it cannot time a CUDA forward")
+    now = time.process_time if clock == "cpu" else time.perf_counter
     synchronize = torch.cuda.synchronize if pixel_values.is_cuda else (lambda: None)
     synchronize()
-    start = time.perf_counter()
+    start = now()
     output = model(pixel_values)
     synchronize()
-    return output, time.perf_counter() - start
+    return output, now() - start
 
 
 def logits_of(output) -> torch.Tensor:
