@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-INTEGRATIONS = ("stable_diffusion", "vit", "timm_vit")
+INTEGRATIONS = ("stable_diffusion", "vit.transformers", "vit.timm")
 """The integration modules of ``sdmerge``, in the order they are asked."""
 
 

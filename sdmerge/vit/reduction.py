@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .core import MergePlan, alternating_split, importance_score, proportional_attention_bias
-from .methods import Method, get_method
+from ..core import MergePlan, alternating_split, importance_score, proportional_attention_bias
+from ..methods import Method, get_method
 from .schedule import TokenSchedule, check_schedule, make_schedule
 
 
@@ -88,7 +88,7 @@ class ReductionConfig:
         ``num_tokens`` input tokens (``protected`` of them prefix tokens) and build the config.
 
         Raises ``ValueError`` for an unknown method, an invalid or ambiguous schedule
-        (:func:`~sdmerge.schedule.make_schedule`), or one the method cannot follow at ``num_tokens``.
+        (:func:`~sdmerge.vit.schedule.make_schedule`), or one the method cannot follow at ``num_tokens``.
         """
         if not isinstance(prop_attn, bool):
             raise ValueError(f"prop_attn={prop_attn!r} must be True or False")
