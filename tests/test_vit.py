@@ -198,10 +198,10 @@ def test_cis_merges_with_class_importance_from_the_same_attention_pass():
     seen = layer_io(model, 0, x)
     hidden = seen["layer_in"]
     _, _, keys, values = hand_attention(layer.attention, layer.layernorm_before(hidden))
-    # ToMeCIS eq. 7-8 by hand: S_i = mean over heads of A[h, cls, i] * ||V[h, i]||_2
-    weights = (probabilities[:, :, 0, :] * values.norm(dim=-1)).mean(dim=1)  # [B, N]
+    # ToMeCIS eq. 7-8 by hand, as its code computes them: S_i = mean_h A[h, cls, i] * ||mean_h V[h, i]||_2
+    weights = probabilities[:, :, 0, :].mean(dim=1) * values.mean(dim=1).norm(dim=-1)  # [B, N]
     residual = layer.attention(layer.layernorm_before(hidden))[0] + hidden  # unpatched attention, no bias
-    plan = bipartite_soft_matching(keys.mean(dim=1), 4, *alternating_split(17, 1))
+    plan = bipartite_soft_matching(keys.mean(dim=1), 4, *alternating_split(17, 1), order="split")
     merged = torch.zeros(x.shape[0], 13, 32)
     for b in range(x.shape[0]):
         for group in range(13):
@@ -424,7 +424,7 @@ def test_class_attention_of_later_blocks_includes_the_size_bias(monkeypatch):
     seen_rows = []
     original = token_reduction.class_importance
     monkeypatch.setattr(
-        token_reduction, "class_importance", lambda m, row, v: seen_rows.append(row) or original(m, row, v)
+        token_reduction, "class_importance", lambda m, row, *rest: seen_rows.append(row) or original(m, row, *rest)
     )
     sdmerge.apply(model, "cis", r=0.75, stages=(0, 2))
     seen = layer_io(model, 2, x)

@@ -58,6 +58,7 @@ def apply(
     tokens_per_block: int | None = None,
     schedule: str | None = None,
     prop_attn: bool = True,
+    cis_score: str | None = None,
 ):
     """Patch a timm ``VisionTransformer`` in place; options as :func:`sdmerge.vit.transformers.apply`."""
     if not accepts(model):
@@ -66,6 +67,7 @@ def apply(
     config = ReductionConfig.from_options(
         method, len(model.blocks), model.patch_embed.num_patches + model.num_prefix_tokens, model.num_prefix_tokens, r,
         stages=stages, tokens_per_block=tokens_per_block, schedule=schedule, prop_attn=prop_attn,
+        cis_score=cis_score,
     )
     if config.method.needs_importance and not model.has_class_token:
         raise ValueError(f"method {method!r} ranks tokens by class-token attention; this model has no class token")

@@ -82,6 +82,7 @@ def apply(
     tokens_per_block: int | None = None,
     schedule: str | None = None,
     prop_attn: bool = True,
+    cis_score: str | None = None,
 ):
     """Patch a transformers ViT/DeiT model in place to merge tokens; returns ``model``.
 
@@ -96,6 +97,8 @@ def apply(
         schedule: ``"constant"`` (default) or ``"linear"`` (ToMe's ``floor(2t - 2tl/(L-1))``),
             with ``tokens_per_block`` only.
         prop_attn: proportional attention (``+ log(size)`` on the logits).
+        cis_score: ``cis`` only: ``"code"`` (default, ``mean_h(A_cls) * ||mean_h(V)||``, the ToMeCIS
+            code) or ``"paper"`` (``mean_h(A_cls * ||V||)``, the paper's text).
 
     Raises ``TypeError`` for an unsupported model and ``ValueError`` for an unknown method, an
     ambiguous or invalid schedule, or one that asks a block for more removals than the method
@@ -110,6 +113,7 @@ def apply(
     config = ReductionConfig.from_options(
         method, len(layers), base.embeddings.patch_embeddings.num_patches + protected, protected, r,
         stages=stages, tokens_per_block=tokens_per_block, schedule=schedule, prop_attn=prop_attn,
+        cis_score=cis_score,
     )
     check_attention_implementation(base.config._attn_implementation, prop_attn)
     remove(model)
