@@ -22,12 +22,23 @@ def _supported_names(integration) -> str:
     return getattr(integration, "SUPPORTED", integration.__name__)
 
 
+_MODEL_LIBRARIES = ("diffusers", "transformers")
+"""Libraries an integration imports: without one, no model of that library exists to patch."""
+
+
 def _integration_for(model):
-    modules = [importlib.import_module(f"{__package__}.{name}") for name in INTEGRATIONS]
+    modules, unavailable = [], []
+    for name in INTEGRATIONS:
+        try:
+            modules.append(importlib.import_module(f"{__package__}.{name}"))
+        except ModuleNotFoundError as error:
+            if (error.name or "").split(".")[0] not in _MODEL_LIBRARIES:
+                raise
+            unavailable.append(f"{name} (needs {error.name}, not installed)")
     for integration in modules:
         if integration.accepts(model):
             return integration
-    supported = "; ".join(_supported_names(integration) for integration in modules)
+    supported = "; ".join([_supported_names(integration) for integration in modules] + unavailable)
     raise TypeError(f"sdmerge does not support {type(model).__module__}.{type(model).__name__}; supported: {supported}")
 
 

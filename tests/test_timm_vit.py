@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.torchvision_stand_in import import_timm
+from tests.vit_layout import hf_layers, hf_parts
 from transformers import ViTConfig, ViTForImageClassification
 
 import sdmerge
@@ -104,15 +105,16 @@ def test_timm_and_transformers_integrations_agree(method, options):
         emb.cls_token.copy_(t.cls_token)
         emb.position_embeddings.copy_(t.pos_embed)
         emb.patch_embeddings.projection.load_state_dict(t.patch_embed.proj.state_dict())
-        for layer, block in zip(hf.vit.layers, t.blocks):
-            layer.layernorm_before.load_state_dict(block.norm1.state_dict())
-            layer.layernorm_after.load_state_dict(block.norm2.state_dict())
-            for i, proj in enumerate((layer.attention.q_proj, layer.attention.k_proj, layer.attention.v_proj)):
+        for layer, block in zip(hf_layers(hf), t.blocks):
+            parts = hf_parts(layer)
+            parts.layernorm_before.load_state_dict(block.norm1.state_dict())
+            parts.layernorm_after.load_state_dict(block.norm2.state_dict())
+            for i, proj in enumerate((parts.query, parts.key, parts.value)):
                 proj.weight.copy_(block.attn.qkv.weight[32 * i : 32 * (i + 1)])
                 proj.bias.copy_(block.attn.qkv.bias[32 * i : 32 * (i + 1)])
-            layer.attention.o_proj.load_state_dict(block.attn.proj.state_dict())
-            layer.mlp.fc1.load_state_dict(block.mlp.fc1.state_dict())
-            layer.mlp.fc2.load_state_dict(block.mlp.fc2.state_dict())
+            parts.output.load_state_dict(block.attn.proj.state_dict())
+            parts.fc1.load_state_dict(block.mlp.fc1.state_dict())
+            parts.fc2.load_state_dict(block.mlp.fc2.state_dict())
         hf.vit.layernorm.load_state_dict(t.norm.state_dict())
         hf.classifier.load_state_dict(t.head.state_dict())
     x = images()

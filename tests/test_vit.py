@@ -22,6 +22,7 @@ from transformers import (
 import sdmerge
 from sdmerge.core import alternating_split, bipartite_soft_matching, cosine_distances
 from sdmerge.vit import reduction_state
+from tests.vit_layout import hf_layers, hf_parts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -56,19 +57,24 @@ def output_of(model, x):
 def token_counts(model, x, **call):
     """Tokens after each layer, read from the layers' outputs (not from sdmerge's state)."""
     counts = []
-    hooks = [layer.register_forward_hook(lambda m, a, out: counts.append(out.shape[1])) for layer in model.base_model.layers]
+    hooks = [layer.register_forward_hook(lambda m, a, out: counts.append(first(out).shape[1])) for layer in hf_layers(model)]
     model(x, **call)
     for hook in hooks:
         hook.remove()
     return counts
 
 
+def first(out):
+    """A layer's hidden states: transformers 4 layers return a tuple."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def layer_io(model, block, x):
     """Inputs and outputs of layer ``block`` and of its attention, in one forward call."""
     seen = {}
-    layer = model.base_model.layers[block]
+    layer = hf_layers(model)[block]
     hooks = [
-        layer.register_forward_hook(lambda m, a, out: seen.update(layer_in=a[0], layer_out=out)),
+        layer.register_forward_hook(lambda m, a, out: seen.update(layer_in=a[0], layer_out=first(out))),
         layer.attention.register_forward_hook(lambda m, a, out: seen.update(attn_in=a[0], attn_mask=a[1], attn_out=out[0])),
     ]
     model(x)
@@ -77,17 +83,18 @@ def layer_io(model, block, x):
     return seen
 
 
-def hand_attention(attention, hidden, bias=None):
-    """Attention output (after o_proj), probabilities and values, computed from the weights."""
+def hand_attention(layer, hidden, bias=None):
+    """Attention output (after the output projection), probabilities and values of ``layer``,
+    computed from its weights."""
+    parts = hf_parts(layer)
     B, N, _ = hidden.shape
-    heads = attention.config.num_attention_heads
-    q, k, v = (p(hidden).view(B, N, heads, -1).transpose(1, 2) for p in (attention.q_proj, attention.k_proj, attention.v_proj))
-    logits = (q.double() @ k.double().transpose(-1, -2)) * attention.scaling
+    q, k, v = (p(hidden).view(B, N, parts.heads, -1).transpose(1, 2) for p in (parts.query, parts.key, parts.value))
+    logits = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5
     if bias is not None:
         logits = logits + bias.double()
     probs = logits.softmax(dim=-1)
     out = (probs @ v.double()).transpose(1, 2).reshape(B, N, -1)
-    return attention.o_proj(out.float()), probs, k, v
+    return parts.output(out.float()), probs, k, v
 
 
 # --- exact identity -----------------------------------------------------------------------------
@@ -192,12 +199,13 @@ def test_cis_merges_with_class_importance_from_the_same_attention_pass():
     model, x = tiny(ViTForImageClassification, attn="eager"), images()
     reference = model(x, output_attentions=True)
     probabilities = reference.attentions[0]  # [B, H, N, N], transformers' own eager attention of block 0
-    layer = model.base_model.layers[0]
+    layer = hf_layers(model)[0]
+    parts = hf_parts(layer)
 
     sdmerge.apply(model, "cis", r=0.75, stages=(0,))  # 4 of 16 free tokens, in block 0
     seen = layer_io(model, 0, x)
     hidden = seen["layer_in"]
-    _, _, keys, values = hand_attention(layer.attention, layer.layernorm_before(hidden))
+    _, _, keys, values = hand_attention(layer, layer.layernorm_before(hidden))
     # ToMeCIS eq. 7-8 by hand, as its code computes them: S_i = mean_h A[h, cls, i] * ||mean_h V[h, i]||_2
     weights = probabilities[:, :, 0, :].mean(dim=1) * values.mean(dim=1).norm(dim=-1)  # [B, N]
     residual = layer.attention(layer.layernorm_before(hidden))[0] + hidden  # unpatched attention, no bias
@@ -208,7 +216,7 @@ def test_cis_merges_with_class_importance_from_the_same_attention_pass():
             members = (plan.labels[b] == group).nonzero().squeeze(1)
             w = weights[b, members]
             merged[b, group] = (w[:, None] * residual[b, members]).sum(0) / w.sum()
-    expected = layer.mlp(layer.layernorm_after(merged)) + merged
+    expected = parts.mlp(layer.layernorm_after(merged)) + merged
     torch.testing.assert_close(seen["layer_out"], expected, rtol=1e-5, atol=1e-5)
     # the same tokens merged by size (ToMe) give a different output: the weights matter here
     sdmerge.apply(model, "tome", r=0.75, stages=(0,))
@@ -223,11 +231,11 @@ def test_proportional_attention_adds_log_size_to_the_logits(attn, prop_attn):
     seen = layer_io(model, 1, x)
     sizes = reduction_state(model).sizes  # only block 0 reduces: these are the sizes block 1 sees
     assert sizes.max() > 1
-    layer = model.base_model.layers[1]
+    layer = hf_layers(model)[1]
     bias = sizes.log()[:, None, None, :] if prop_attn else None
-    expected, _, _, _ = hand_attention(layer.attention, seen["attn_in"], bias)
+    expected, _, _, _ = hand_attention(layer, seen["attn_in"], bias)
     torch.testing.assert_close(seen["attn_out"], expected, rtol=1e-5, atol=1e-6)
-    other, _, _, _ = hand_attention(layer.attention, seen["attn_in"], None if prop_attn else sizes.log()[:, None, None, :])
+    other, _, _, _ = hand_attention(layer, seen["attn_in"], None if prop_attn else sizes.log()[:, None, None, :])
     assert (seen["attn_out"] - other).abs().max() > 1e-4
 
 
@@ -269,8 +277,8 @@ def test_atc_partitions_equal_scipy_on_the_same_keys(method):
     model, x = tiny(ViTForImageClassification, num_hidden_layers=2, image_size=48), images(batch=4, size=48)  # 36 patches
     sdmerge.apply(model, method, r=0.5, stages=(1,))
     seen = layer_io(model, 1, x)
-    layer = model.base_model.layers[1]
-    _, _, keys, _ = hand_attention(layer.attention, layer.layernorm_before(seen["layer_in"]))
+    layer = hf_layers(model)[1]
+    _, _, keys, _ = hand_attention(layer, layer.layernorm_before(seen["layer_in"]))
     distances = cosine_distances(keys.mean(dim=1)[:, 1:].detach())  # free tokens, float64
     labels = reduction_state(model).provenance.labels
     assert torch.equal(labels[:, 0], torch.zeros(4, dtype=torch.int64))
@@ -370,8 +378,14 @@ def test_prop_attn_is_refused_where_the_attention_cannot_take_a_bias():
 def test_attention_mask_is_refused_on_a_patched_model():
     model, x = tiny(ViTForImageClassification), images()
     sdmerge.apply(model, "tome", r=0.7)
-    with pytest.raises(ValueError, match="attention_mask"):
-        model(x, attention_mask=torch.ones(3, 17).index_fill(1, torch.tensor([5]), 0))  # a padding mask
+    if hasattr(model.base_model, "layers"):  # transformers 5: a padding mask
+        with pytest.raises(ValueError, match="attention_mask cannot follow merged tokens"):
+            model(x, attention_mask=torch.ones(3, 17).index_fill(1, torch.tensor([5]), 0))
+    else:  # transformers 4: a head mask, multiplied onto the probabilities
+        with pytest.raises(ValueError, match="head_mask cannot follow merged tokens"):
+            model(x, head_mask=torch.ones(4))
+        with pytest.raises(ValueError, match="output_attentions is not supported"):
+            model(x, output_attentions=True)
 
 
 def test_removal_limit_is_exactly_what_the_core_accepts():
@@ -430,6 +444,30 @@ def test_class_attention_of_later_blocks_includes_the_size_bias(monkeypatch):
     seen = layer_io(model, 2, x)
     bias = seen["attn_mask"]  # log(sizes) after block 0, given to block 2's attention
     assert bias is not None and bias.max() > 0
-    _, probabilities, _, _ = hand_attention(model.base_model.layers[2].attention, seen["attn_in"], bias)
+    _, probabilities, _, _ = hand_attention(hf_layers(model)[2], seen["attn_in"], bias)
     assert len(seen_rows) == 2
     torch.testing.assert_close(seen_rows[1], probabilities[:, :, 0].float(), rtol=1e-5, atol=1e-6)
+
+
+def test_vit_models_need_no_diffusers(monkeypatch):
+    """Without diffusers (e.g. next to transformers 4), the ViT integrations still dispatch."""
+    import importlib
+
+    import sdmerge.api
+
+    real_import = importlib.import_module
+
+    def import_module(name, missing="diffusers"):
+        if name == "sdmerge.stable_diffusion":
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+        return real_import(name)
+
+    monkeypatch.setattr(sdmerge.api.importlib, "import_module", import_module)
+    model, x = tiny(ViTForImageClassification), images()
+    sdmerge.apply(model, "tome", tokens_per_block=2)
+    assert token_counts(model, x) == [15, 13, 11, 9]
+    with pytest.raises(TypeError, match=r"stable_diffusion \(needs diffusers, not installed\)"):
+        sdmerge.apply(torch.nn.Linear(2, 2))
+    monkeypatch.setattr(sdmerge.api.importlib, "import_module", lambda name: import_module(name, missing="numpyy"))
+    with pytest.raises(ModuleNotFoundError, match="numpyy"):  # any other missing module is a real error
+        sdmerge.apply(model, "tome")

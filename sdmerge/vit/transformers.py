@@ -5,31 +5,40 @@
     sdmerge.remove(model)                         # back to the original model, exactly
 
 Supported classes: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
-``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher`` (transformers 5
-layout: ``model.base_model.layers``, attention with ``q_proj/k_proj/v_proj/o_proj``).
+``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher``, in two layouts:
+
+- transformers 5: ``base_model.layers``, attention with ``q_proj/k_proj/v_proj/o_proj``, ``layer.mlp``;
+- transformers 4.x (4.50 and later, where ViT attention goes through ``ALL_ATTENTION_FUNCTIONS``):
+  ``base_model.encoder.layer``, ``attention.attention.query/key/value``, ``attention.output.dense``,
+  ``layer.intermediate`` and ``layer.output`` (which adds the residual).
 
 How (see :mod:`sdmerge.vit.reduction`): every ``ViTLayer``/``DeiTLayer`` and its attention
 get an instance ``forward``; a forward hook on the embeddings starts a new
 :class:`~sdmerge.vit.reduction.ReductionState` for every call. A block with nothing to do
 (no reduction so far, none in it) runs its original forward. The others run
 
-    h = x + attention(layernorm_before(x), attention_mask=log(sizes))
+    h = x + attention(layernorm_before(x), mask=log(sizes))
     h = reduce(h)                                   # only in reducing blocks
     out = h + mlp(layernorm_after(h))
 
 The proportional-attention bias goes to the attention function of the model's
-``config._attn_implementation`` as its additive mask; ``eager`` and ``sdpa`` add it to the
-logits, other implementations (flash attention) cannot take it, so ``prop_attn=True`` is
-refused for them. A reducing block whose method needs the class-token attention row also
-computes that row (:func:`~sdmerge.vit.reduction.class_token_attention`).
-Class-token (and distillation-token) read-outs need no change: protected tokens keep
-positions 0 and 1. ``last_hidden_state`` has the reduced token count.
+``config._attn_implementation`` as an additive mask: ``sdpa`` adds it to the logits, and so
+does transformers 5's ``eager``; transformers 4's ``eager`` multiplies its mask onto the
+probabilities (a head mask), so on that layout ``eager`` runs :func:`additive_eager_attention`,
+the same arithmetic with the bias added. Other implementations (flash attention) cannot take
+a bias, so ``prop_attn=True`` is refused for them. A reducing block whose method needs the
+class-token attention row also computes that row
+(:func:`~sdmerge.vit.reduction.class_token_attention`). Class-token (and distillation-token)
+read-outs need no change: protected tokens keep positions 0 and 1. ``last_hidden_state`` has
+the reduced token count.
 """
 
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 
+import torch
 from torch import nn
 from transformers import (
     DeiTForImageClassification,
@@ -54,8 +63,6 @@ SUPPORTED = ", ".join(cls.__name__ for cls in SUPPORTED_CLASSES)
 BIAS_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 """``config._attn_implementation`` values whose attention adds a float mask to the logits."""
 
-_LAYER_PARTS = ("layernorm_before", "attention", "dropout", "layernorm_after", "mlp")
-_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "attention_dropout", "config")
 
 
 def accepts(model) -> bool:
@@ -108,7 +115,7 @@ def apply(
     if not accepts(model):
         raise TypeError(f"sdmerge.vit.transformers supports {SUPPORTED}; got {type(model).__name__}")
     base = model.base_model
-    layers = _checked_layers(base)
+    layout, layers = _layout_of(base)
     protected = 2 if isinstance(base, DeiTModel) else 1  # DeiTEmbeddings always add a distillation token
     config = ReductionConfig.from_options(
         method, len(layers), base.embeddings.patch_embeddings.num_patches + protected, protected, r,
@@ -119,8 +126,8 @@ def apply(
     remove(model)
     patch = ModelPatch(base, config, base.embeddings)
     for block, layer in enumerate(layers):
-        patch.replace(layer.attention, "forward", _AttentionForward(patch, layer.attention, block))
-        patch.replace(layer, "forward", _LayerForward(patch, layer, block))
+        patch.replace(layer.attention, "forward", _AttentionForward(patch, layout, layer.attention, block))
+        patch.replace(layer, "forward", _LayerForward(patch, layout, layer, block))
     return model
 
 
@@ -135,69 +142,186 @@ def reduction_state(model) -> ReductionState | None:
     return latest_state(model.base_model)
 
 
-def _checked_layers(base) -> nn.ModuleList:
-    layers = getattr(base, "layers", None)
-    problem = None
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        problem = "no `layers` list on the base model"
-    else:
-        for layer in layers:
-            missing = [p for p in _LAYER_PARTS if not hasattr(layer, p)]
-            missing += [f"attention.{p}" for p in _ATTENTION_PARTS if not hasattr(layer.attention, p)]
-            if missing:
-                problem = f"{type(layer).__name__} lacks {', '.join(missing)}"
-                break
-    if problem:
-        raise TypeError(
-            f"unsupported {type(base).__name__} layout ({problem}); sdmerge.vit.transformers follows the transformers 5 "
-            "ViT/DeiT layout (base_model.layers, attention q_proj/k_proj/v_proj/o_proj)"
-        )
-    return layers
+def additive_eager_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+    """Eager attention with an additive mask: ``softmax(q k^T * scaling + mask) v``.
+
+    ``query``/``key``/``value``: ``[B, H, N, Dh]``; ``attention_mask``: ``[B, 1, 1, N]`` or ``None``.
+    Returns ``([B, N, H, Dh], probabilities [B, H, N, N])``, with transformers' eager arithmetic
+    (softmax in float32, then the input dtype); without a mask it equals transformers 4's eager.
+    """
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class _Transformers5:
+    """The transformers 5 layout of a ViT/DeiT layer."""
+
+    name = "transformers 5 (base_model.layers, attention q_proj/k_proj/v_proj/o_proj)"
+    mask_argument = "attention_mask"
+    layer_parts = ("layernorm_before", "attention", "dropout", "layernorm_after", "mlp")
+    attention_parts = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "attention_dropout", "config")
+
+    @staticmethod
+    def layers(base):
+        return getattr(base, "layers", None)
+
+    @staticmethod
+    def self_attention(attention):
+        """``(module, query, key, value, head_dim, scaling, dropout probability)``."""
+        a = attention
+        return a, a.q_proj, a.k_proj, a.v_proj, a.head_dim, a.scaling, a.attention_dropout
+
+    @staticmethod
+    def attention_function(module, implementation: str) -> Callable:
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, inspect.getmodule(type(module)).eager_attention_forward)
+
+    @staticmethod
+    def function_options(module, kwargs) -> dict:
+        return kwargs
+
+    @staticmethod
+    def output(attention, out):
+        return attention.o_proj(out)
+
+    @staticmethod
+    def attention_residual(layer, attended, hidden):
+        return layer.dropout(attended) + hidden
+
+    @staticmethod
+    def mlp_residual(layer, hidden):
+        return layer.dropout(layer.mlp(layer.layernorm_after(hidden))) + hidden
+
+    @staticmethod
+    def layer_options(args, kwargs) -> dict:
+        return kwargs
+
+
+class _Transformers4:
+    """The transformers 4.x layout (4.50+) of a ViT/DeiT layer; its layers return tuples."""
+
+    name = "transformers 4 (encoder.layer, attention.attention.query/key/value, attention.output.dense)"
+    mask_argument = "head_mask"
+    layer_parts = ("layernorm_before", "attention", "intermediate", "output", "layernorm_after")
+    attention_parts = (
+        "attention.query", "attention.key", "attention.value", "attention.attention_head_size", "attention.scaling",
+        "attention.dropout_prob", "attention.is_causal", "attention.config", "output.dense", "output.dropout",
+    )
+
+    @staticmethod
+    def layers(base):
+        return getattr(getattr(base, "encoder", None), "layer", None)
+
+    @staticmethod
+    def self_attention(attention):
+        a = attention.attention
+        return a, a.query, a.key, a.value, a.attention_head_size, a.scaling, a.dropout_prob
+
+    @staticmethod
+    def attention_function(module, implementation: str) -> Callable:
+        return additive_eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+
+    @staticmethod
+    def function_options(module, kwargs) -> dict:
+        return {"is_causal": module.is_causal}
+
+    @staticmethod
+    def output(attention, out):
+        return attention.output(out, None)  # ViTSelfOutput: dense, dropout (its second input is unused)
+
+    @staticmethod
+    def attention_residual(layer, attended, hidden):
+        return attended + hidden
+
+    @staticmethod
+    def mlp_residual(layer, hidden):
+        return (layer.output(layer.intermediate(layer.layernorm_after(hidden)), hidden),)  # ViTOutput adds the residual
+
+    @staticmethod
+    def layer_options(args, kwargs) -> dict:
+        if any(args) or kwargs.get("output_attentions"):
+            raise ValueError("sdmerge: output_attentions is not supported on a patched transformers 4 ViT/DeiT model")
+        return {}
+
+
+_LAYOUTS = (_Transformers5, _Transformers4)
+
+
+def _missing_parts(layout, layer) -> list[str]:
+    missing = [p for p in layout.layer_parts if not hasattr(layer, p)]
+    for path in layout.attention_parts:
+        owner = getattr(layer, "attention", None)
+        for name in path.split("."):
+            owner = getattr(owner, name, None)
+        if owner is None:
+            missing.append(f"attention.{path}")
+    return missing
+
+
+def _layout_of(base):
+    """``(layout, layers)`` of a base model, or a ``TypeError`` naming what each layout misses."""
+    problems = []
+    for layout in _LAYOUTS:
+        layers = layout.layers(base)
+        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+            problems.append(f"{layout.name}: no list of layers")
+            continue
+        missing = next((parts for parts in (_missing_parts(layout, layer) for layer in layers) if parts), None)
+        if missing is None:
+            return layout, layers
+        problems.append(f"{layout.name}: a layer lacks {', '.join(missing)}")
+    raise TypeError(f"unsupported {type(base).__name__} layout; sdmerge.vit.transformers supports " + "; ".join(problems))
 
 
 class _LayerForward:
     """``ViTLayer``/``DeiTLayer`` forward with a reduction between attention and MLP."""
 
-    def __init__(self, patch: ModelPatch, layer: nn.Module, block: int):
-        self.patch, self.layer, self.block = patch, layer, block
+    def __init__(self, patch: ModelPatch, layout, layer: nn.Module, block: int):
+        self.patch, self.layout, self.layer, self.block = patch, layout, layer, block
         self.original = layer.forward
 
-    def __call__(self, hidden_states, attention_mask=None, **kwargs):
-        state, layer = self.patch.state, self.layer
-        if attention_mask is not None:
-            raise ValueError("sdmerge: attention_mask cannot follow merged tokens; call the model without it")
+    def __call__(self, hidden_states, mask=None, *args, **kwargs):
+        state, layer, layout = self.patch.state, self.layer, self.layout
+        if mask is not None:
+            raise ValueError(f"sdmerge: {layout.mask_argument} cannot follow merged tokens; call the model without it")
+        options = layout.layer_options(args, kwargs)
         if state.is_plain(self.block):
-            return self.original(hidden_states, attention_mask, **kwargs)
-        attended, _ = layer.attention(
-            layer.layernorm_before(hidden_states), state.attention_bias(hidden_states.dtype), **kwargs
-        )
-        hidden_states = layer.dropout(attended) + hidden_states
+            return self.original(hidden_states, mask, *args, **kwargs)
+        attended = layer.attention(layer.layernorm_before(hidden_states), state.attention_bias(hidden_states.dtype), **options)
+        hidden_states = layout.attention_residual(layer, attended[0], hidden_states)
         if state.reduces(self.block):
             hidden_states = state.reduce(self.block, hidden_states)
-        return layer.dropout(layer.mlp(layer.layernorm_after(hidden_states))) + hidden_states
+        return layout.mlp_residual(layer, hidden_states)
 
 
 class _AttentionForward:
     """``ViTAttention``/``DeiTAttention`` forward that takes the proportional-attention bias as
-    its mask and records keys (and ``A_cls``, values) in reducing blocks."""
+    its mask and records keys (and ``A_cls``, values) in reducing blocks. Returns
+    ``(output [B, N, C], probabilities or None)``."""
 
-    def __init__(self, patch: ModelPatch, attention: nn.Module, block: int):
-        self.patch, self.attention, self.block = patch, attention, block
-        self.eager = inspect.getmodule(type(attention)).eager_attention_forward
+    def __init__(self, patch: ModelPatch, layout, attention: nn.Module, block: int):
+        self.patch, self.layout, self.attention, self.block = patch, layout, attention, block
+        self.original = attention.forward
 
-    def __call__(self, hidden_states, attention_mask=None, **kwargs):
-        attn, state = self.attention, self.patch.state
-        shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
-        query = attn.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
-        dropout = attn.attention_dropout if attn.training else 0.0
+    def __call__(self, hidden_states, attention_mask=None, *args, **kwargs):
+        state, layout = self.patch.state, self.layout
+        if attention_mask is None and not state.reduces(self.block):
+            return self.original(hidden_states, attention_mask, *args, **kwargs)
+        module, q_proj, k_proj, v_proj, head_dim, scaling, dropout = layout.self_attention(self.attention)
+        shape = (*hidden_states.shape[:-1], -1, head_dim)
+        query = q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = v_proj(hidden_states).view(shape).transpose(1, 2)
 
-        implementation = attn.config._attn_implementation
+        implementation = module.config._attn_implementation
         check_attention_implementation(implementation, attention_mask is not None)
-        function = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self.eager)
+        function = layout.attention_function(module, implementation)
         out, probabilities = function(  # out: [B, N, H, Dh]
-            attn, query, key, value, attention_mask, dropout=dropout, scaling=attn.scaling, **kwargs
+            module, query, key, value, attention_mask, dropout=dropout if module.training else 0.0, scaling=scaling,
+            **layout.function_options(module, kwargs),
         )
-        state.record_attention(self.block, query, key, value, attn.scaling, attention_mask)
-        return attn.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), probabilities
+        state.record_attention(self.block, query, key, value, scaling, attention_mask)
+        return layout.output(self.attention, out.reshape(*hidden_states.shape[:-1], -1).contiguous()), probabilities
