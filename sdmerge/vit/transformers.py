@@ -126,7 +126,8 @@ def apply(
     remove(model)
     patch = ModelPatch(base, config, base.embeddings)
     for block, layer in enumerate(layers):
-        patch.replace(layer.attention, "forward", _AttentionForward(patch, layout, layer.attention, block))
+        module = layout.attention_module(layer)
+        patch.replace(module, "forward", _AttentionForward(patch, layout, module, block))
         patch.replace(layer, "forward", _LayerForward(patch, layout, layer, block))
     return model
 
@@ -158,52 +159,58 @@ def additive_eager_attention(module, query, key, value, attention_mask, scaling:
 
 
 class _Transformers5:
-    """The transformers 5 layout of a ViT/DeiT layer."""
+    """The transformers 5 layout of a ViT/DeiT layer: ``layer.attention`` projects, attends and
+    applies ``o_proj``, and returns ``(output, probabilities)``; the layer returns a tensor."""
 
     name = "transformers 5 (base_model.layers, attention q_proj/k_proj/v_proj/o_proj)"
     mask_argument = "attention_mask"
     layer_parts = ("layernorm_before", "attention", "dropout", "layernorm_after", "mlp")
     attention_parts = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "attention_dropout", "config")
 
-    @staticmethod
-    def layers(base):
+    def layers(self, base):
         return getattr(base, "layers", None)
 
-    @staticmethod
-    def self_attention(attention):
-        """``(module, query, key, value, head_dim, scaling, dropout probability)``."""
-        a = attention
-        return a, a.q_proj, a.k_proj, a.v_proj, a.head_dim, a.scaling, a.attention_dropout
+    def for_layers(self, layers):
+        return self
 
-    @staticmethod
-    def attention_function(module, implementation: str) -> Callable:
+    def attention_module(self, layer) -> nn.Module:
+        """The module whose forward sdmerge replaces: it computes queries, keys, values and attention."""
+        return layer.attention
+
+    def projections(self, module):
+        """``(query, key, value, head_dim, scaling, dropout probability)`` of the attention module."""
+        return module.q_proj, module.k_proj, module.v_proj, module.head_dim, module.scaling, module.attention_dropout
+
+    def attention_function(self, module, implementation: str) -> Callable:
         return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, inspect.getmodule(type(module)).eager_attention_forward)
 
-    @staticmethod
-    def function_options(module, kwargs) -> dict:
+    def function_options(self, module, kwargs) -> dict:
         return kwargs
 
-    @staticmethod
-    def output(attention, out):
-        return attention.o_proj(out)
+    def output(self, module, out):
+        return module.o_proj(out)
 
-    @staticmethod
-    def attention_residual(layer, attended, hidden):
+    def attended(self, result):
+        """``[B, N, C]`` from what ``layer.attention`` returned."""
+        return result[0]
+
+    def attention_residual(self, layer, attended, hidden):
         return layer.dropout(attended) + hidden
 
-    @staticmethod
-    def mlp_residual(layer, hidden):
+    def mlp_residual(self, layer, hidden):
         return layer.dropout(layer.mlp(layer.layernorm_after(hidden))) + hidden
 
-    @staticmethod
-    def layer_options(args, kwargs) -> dict:
+    def layer_options(self, args, kwargs) -> dict:
         return kwargs
 
 
 class _Transformers4:
-    """The transformers 4.x layout (4.50+) of a ViT/DeiT layer; its layers return tuples."""
+    """The transformers 4.x layout (4.50+): ``layer.attention`` wraps a self-attention module
+    (projections and attention, patched by sdmerge) and ``attention.output`` (dense, dropout);
+    ``layer.output`` adds the MLP residual. Before 4.56 layers and attention return tuples
+    (and take ``output_attentions``), from 4.56 on tensors."""
 
-    name = "transformers 4 (encoder.layer, attention.attention.query/key/value, attention.output.dense)"
+    name = "transformers 4.50+ (encoder.layer, attention.attention.query/key/value, attention.output.dense)"
     mask_argument = "head_mask"
     layer_parts = ("layernorm_before", "attention", "intermediate", "output", "layernorm_after")
     attention_parts = (
@@ -211,43 +218,47 @@ class _Transformers4:
         "attention.dropout_prob", "attention.is_causal", "attention.config", "output.dense", "output.dropout",
     )
 
-    @staticmethod
-    def layers(base):
+    def __init__(self, returns_tuples: bool = True):
+        self.returns_tuples = returns_tuples
+
+    def layers(self, base):
         return getattr(getattr(base, "encoder", None), "layer", None)
 
-    @staticmethod
-    def self_attention(attention):
-        a = attention.attention
-        return a, a.query, a.key, a.value, a.attention_head_size, a.scaling, a.dropout_prob
+    def for_layers(self, layers):
+        return _Transformers4("output_attentions" in inspect.signature(type(layers[0]).forward).parameters)
 
-    @staticmethod
-    def attention_function(module, implementation: str) -> Callable:
+    def attention_module(self, layer) -> nn.Module:
+        return layer.attention.attention
+
+    def projections(self, module):
+        return module.query, module.key, module.value, module.attention_head_size, module.scaling, module.dropout_prob
+
+    def attention_function(self, module, implementation: str) -> Callable:
         return additive_eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
 
-    @staticmethod
-    def function_options(module, kwargs) -> dict:
+    def function_options(self, module, kwargs) -> dict:
         return {"is_causal": module.is_causal}
 
-    @staticmethod
-    def output(attention, out):
-        return attention.output(out, None)  # ViTSelfOutput: dense, dropout (its second input is unused)
+    def output(self, module, out):
+        return out  # the model's own ViTAttention applies attention.output
 
-    @staticmethod
-    def attention_residual(layer, attended, hidden):
+    def attended(self, result):
+        return result[0] if isinstance(result, tuple) else result
+
+    def attention_residual(self, layer, attended, hidden):
         return attended + hidden
 
-    @staticmethod
-    def mlp_residual(layer, hidden):
-        return (layer.output(layer.intermediate(layer.layernorm_after(hidden)), hidden),)  # ViTOutput adds the residual
+    def mlp_residual(self, layer, hidden):
+        out = layer.output(layer.intermediate(layer.layernorm_after(hidden)), hidden)  # ViTOutput adds the residual
+        return (out,) if self.returns_tuples else out
 
-    @staticmethod
-    def layer_options(args, kwargs) -> dict:
+    def layer_options(self, args, kwargs) -> dict:
         if any(args) or kwargs.get("output_attentions"):
-            raise ValueError("sdmerge: output_attentions is not supported on a patched transformers 4 ViT/DeiT model")
+            raise ValueError("sdmerge: output_attentions is not supported on a patched ViT/DeiT model before transformers 4.56")
         return {}
 
 
-_LAYOUTS = (_Transformers5, _Transformers4)
+_LAYOUTS = (_Transformers5(), _Transformers4())
 
 
 def _missing_parts(layout, layer) -> list[str]:
@@ -271,7 +282,7 @@ def _layout_of(base):
             continue
         missing = next((parts for parts in (_missing_parts(layout, layer) for layer in layers) if parts), None)
         if missing is None:
-            return layout, layers
+            return layout.for_layers(layers), layers
         problems.append(f"{layout.name}: a layer lacks {', '.join(missing)}")
     raise TypeError(f"unsupported {type(base).__name__} layout; sdmerge.vit.transformers supports " + "; ".join(problems))
 
@@ -291,26 +302,27 @@ class _LayerForward:
         if state.is_plain(self.block):
             return self.original(hidden_states, mask, *args, **kwargs)
         attended = layer.attention(layer.layernorm_before(hidden_states), state.attention_bias(hidden_states.dtype), **options)
-        hidden_states = layout.attention_residual(layer, attended[0], hidden_states)
+        hidden_states = layout.attention_residual(layer, layout.attended(attended), hidden_states)
         if state.reduces(self.block):
             hidden_states = state.reduce(self.block, hidden_states)
         return layout.mlp_residual(layer, hidden_states)
 
 
 class _AttentionForward:
-    """``ViTAttention``/``DeiTAttention`` forward that takes the proportional-attention bias as
-    its mask and records keys (and ``A_cls``, values) in reducing blocks. Returns
-    ``(output [B, N, C], probabilities or None)``."""
+    """Forward of the module that computes a layer's attention (transformers 5: ``ViTAttention``;
+    4.x: ``ViTSelfAttention``; DeiT alike): takes the proportional-attention bias as its mask
+    and records keys (and ``A_cls``, values) in reducing blocks; otherwise the original forward.
+    Returns ``(output [B, N, C], probabilities or None)``."""
 
-    def __init__(self, patch: ModelPatch, layout, attention: nn.Module, block: int):
-        self.patch, self.layout, self.attention, self.block = patch, layout, attention, block
-        self.original = attention.forward
+    def __init__(self, patch: ModelPatch, layout, module: nn.Module, block: int):
+        self.patch, self.layout, self.module, self.block = patch, layout, module, block
+        self.original = module.forward
 
     def __call__(self, hidden_states, attention_mask=None, *args, **kwargs):
-        state, layout = self.patch.state, self.layout
+        state, layout, module = self.patch.state, self.layout, self.module
         if attention_mask is None and not state.reduces(self.block):
             return self.original(hidden_states, attention_mask, *args, **kwargs)
-        module, q_proj, k_proj, v_proj, head_dim, scaling, dropout = layout.self_attention(self.attention)
+        q_proj, k_proj, v_proj, head_dim, scaling, dropout = layout.projections(module)
         shape = (*hidden_states.shape[:-1], -1, head_dim)
         query = q_proj(hidden_states).view(shape).transpose(1, 2)
         key = k_proj(hidden_states).view(shape).transpose(1, 2)
@@ -324,4 +336,4 @@ class _AttentionForward:
             **layout.function_options(module, kwargs),
         )
         state.record_attention(self.block, query, key, value, scaling, attention_mask)
-        return layout.output(self.attention, out.reshape(*hidden_states.shape[:-1], -1).contiguous()), probabilities
+        return layout.output(module, out.reshape(*hidden_states.shape[:-1], -1).contiguous()), probabilities
