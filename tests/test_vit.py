@@ -66,7 +66,7 @@ def token_counts(model, x, **call):
 
 
 def first(out):
-    """A layer's (or its attention's) hidden states: transformers 5 attention and 4.x before 4.56 return tuples."""
+    """A layer's (or its attention's) hidden states: attention modules, and layers before 4.56, return tuples."""
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -74,9 +74,12 @@ def layer_io(model, block, x):
     """Inputs and outputs of layer ``block`` and of its attention, in one forward call."""
     seen = {}
     layer = hf_layers(model)[block]
+    attention = hf_parts(layer).attention_module  # the module that takes the bias (tests.vit_layout)
     hooks = [
         layer.register_forward_hook(lambda m, a, out: seen.update(layer_in=a[0], layer_out=first(out))),
-        layer.attention.register_forward_hook(lambda m, a, out: seen.update(attn_in=a[0], attn_mask=a[1], attn_out=first(out))),
+        attention.register_forward_hook(
+            lambda m, a, out: seen.update(attn_in=a[0], attn_mask=a[1] if len(a) > 1 else None, attn_out=first(out))
+        ),
     ]
     model(x)
     for hook in hooks:
@@ -85,8 +88,8 @@ def layer_io(model, block, x):
 
 
 def hand_attention(layer, hidden, bias=None):
-    """Attention output (after the output projection), probabilities and values of ``layer``,
-    computed from its weights."""
+    """Attention output (as the module sdmerge patches returns it), probabilities, keys and
+    values of ``layer``, computed from its weights."""
     parts = hf_parts(layer)
     B, N, _ = hidden.shape
     q, k, v = (p(hidden).view(B, N, parts.heads, -1).transpose(1, 2) for p in (parts.query, parts.key, parts.value))
@@ -95,7 +98,7 @@ def hand_attention(layer, hidden, bias=None):
         logits = logits + bias.double()
     probs = logits.softmax(dim=-1)
     out = (probs @ v.double()).transpose(1, 2).reshape(B, N, -1)
-    return parts.output(out.float()), probs, k, v
+    return parts.module_output(out.float()), probs, k, v
 
 
 # --- exact identity -----------------------------------------------------------------------------
@@ -379,10 +382,10 @@ def test_prop_attn_is_refused_where_the_attention_cannot_take_a_bias():
 def test_attention_mask_is_refused_on_a_patched_model():
     model, x = tiny(ViTForImageClassification), images()
     sdmerge.apply(model, "tome", r=0.7)
-    if hasattr(model.base_model, "layers"):  # transformers 5: a padding mask
+    if hasattr(model.base_model, "layers"):  # transformers >= 5.9: a padding mask
         with pytest.raises(ValueError, match="attention_mask cannot follow merged tokens"):
             model(x, attention_mask=torch.ones(3, 17).index_fill(1, torch.tensor([5]), 0))
-    else:  # transformers 4: a head mask, multiplied onto the probabilities
+    elif "head_mask" in inspect.signature(type(hf_layers(model)[0]).forward).parameters:  # 4.x: a head mask
         with pytest.raises(ValueError, match="head_mask cannot follow merged tokens"):
             model(x, head_mask=torch.ones(4))
     eager = sdmerge.apply(tiny(ViTForImageClassification, attn="eager"), "tome", tokens_per_block=2)

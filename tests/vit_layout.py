@@ -1,7 +1,7 @@
-"""The parts of a transformers ViT/DeiT layer, in the transformers 5 and the 4.x layout, for tests.
+"""The parts of a transformers ViT/DeiT layer, in both layouts, for tests.
 
-transformers 5: ``base_model.layers``, ``attention.q_proj/k_proj/v_proj/o_proj``, ``layer.mlp``.
-transformers 4.x: ``base_model.encoder.layer``, ``attention.attention.query/key/value``,
+transformers >= 5.9: ``base_model.layers``, ``attention.q_proj/k_proj/v_proj/o_proj``, ``layer.mlp``.
+transformers 4.50-5.8: ``base_model.encoder.layer``, ``attention.attention.query/key/value``,
 ``attention.output.dense``, ``layer.intermediate`` + ``layer.output.dense``.
 """
 
@@ -29,9 +29,15 @@ class LayerParts:
     activation: nn.Module
     fc2: nn.Linear
     heads: int
+    attention_module: nn.Module  # the module sdmerge patches: it takes the bias, its output is projected or not
+    attention_module_projects: bool  # whether that module's output is after the output projection
 
     def mlp(self, hidden: Tensor) -> Tensor:
         return self.fc2(self.activation(self.fc1(hidden)))
+
+    def module_output(self, context: Tensor) -> Tensor:
+        """What :attr:`attention_module` returns for the attention ``context [B, N, C]``."""
+        return self.output(context) if self.attention_module_projects else context
 
 
 def hf_parts(layer) -> LayerParts:
@@ -40,11 +46,11 @@ def hf_parts(layer) -> LayerParts:
         return LayerParts(
             layer.layernorm_before, attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
             layer.layernorm_after, layer.mlp.fc1, layer.mlp.activation_fn, layer.mlp.fc2,
-            attention.config.num_attention_heads,
+            attention.config.num_attention_heads, attention, True,
         )
     self_attention = attention.attention
     return LayerParts(
         layer.layernorm_before, self_attention.query, self_attention.key, self_attention.value, attention.output.dense,
         layer.layernorm_after, layer.intermediate.dense, layer.intermediate.intermediate_act_fn, layer.output.dense,
-        self_attention.num_attention_heads,
+        self_attention.num_attention_heads, self_attention, False,
     )

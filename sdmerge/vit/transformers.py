@@ -5,10 +5,11 @@
     sdmerge.remove(model)                         # back to the original model, exactly
 
 Supported classes: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
-``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher``, in two layouts:
+``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher``, in the two layer
+layouts of transformers 4.50 to 5.24 (recognised by structure, not by version number):
 
-- transformers 5: ``base_model.layers``, attention with ``q_proj/k_proj/v_proj/o_proj``, ``layer.mlp``;
-- transformers 4.x (4.50 and later, where ViT attention goes through ``ALL_ATTENTION_FUNCTIONS``):
+- 5.9 and later: ``base_model.layers``, attention with ``q_proj/k_proj/v_proj/o_proj``, ``layer.mlp``;
+- 4.50 to 5.8 (4.50: the first release whose ViT attention goes through ``ALL_ATTENTION_FUNCTIONS``):
   ``base_model.encoder.layer``, ``attention.attention.query/key/value``, ``attention.output.dense``,
   ``layer.intermediate`` and ``layer.output`` (which adds the residual).
 
@@ -23,11 +24,11 @@ get an instance ``forward``; a forward hook on the embeddings starts a new
 
 The proportional-attention bias goes to the attention function of the model's
 ``config._attn_implementation`` as an additive mask: ``sdpa`` adds it to the logits, and so
-does transformers 5's ``eager``; transformers 4's ``eager`` multiplies its mask onto the
-probabilities (a head mask), so on that layout ``eager`` runs :func:`additive_eager_attention`,
-the same arithmetic with the bias added. Other implementations (flash attention) cannot take
-a bias, so ``prop_attn=True`` is refused for them. A reducing block whose method needs the
-class-token attention row also computes that row
+does the ``eager`` function of 5.9+; in the older layout ``eager`` multiplies its mask onto
+the probabilities (a head mask, 4.x) or takes none (5.0-5.8), so there ``eager`` runs
+:func:`additive_eager_attention`, the same arithmetic with the bias added. Other
+implementations (flash attention) cannot take a bias, so ``prop_attn=True`` is refused for
+them. A reducing block whose method needs the class-token attention row also computes that row
 (:func:`~sdmerge.vit.reduction.class_token_attention`). Class-token (and distillation-token)
 read-outs need no change: protected tokens keep positions 0 and 1. ``last_hidden_state`` has
 the reduced token count.
@@ -148,7 +149,7 @@ def additive_eager_attention(module, query, key, value, attention_mask, scaling:
 
     ``query``/``key``/``value``: ``[B, H, N, Dh]``; ``attention_mask``: ``[B, 1, 1, N]`` or ``None``.
     Returns ``([B, N, H, Dh], probabilities [B, H, N, N])``, with transformers' eager arithmetic
-    (softmax in float32, then the input dtype); without a mask it equals transformers 4's eager.
+    (softmax in float32, then the input dtype); without a mask it equals transformers 4.50-4.57's eager.
     """
     weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
@@ -158,11 +159,12 @@ def additive_eager_attention(module, query, key, value, attention_mask, scaling:
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-class _Transformers5:
-    """The transformers 5 layout of a ViT/DeiT layer: ``layer.attention`` projects, attends and
-    applies ``o_proj``, and returns ``(output, probabilities)``; the layer returns a tensor."""
+class _ProjectionLayout:
+    """transformers 5.9 and later: ``base_model.layers``; ``layer.attention`` projects
+    (``q_proj/k_proj/v_proj``), attends and applies ``o_proj``, returning ``(output, probabilities)``;
+    the layer returns a tensor."""
 
-    name = "transformers 5 (base_model.layers, attention q_proj/k_proj/v_proj/o_proj)"
+    name = "transformers >= 5.9 (base_model.layers, attention q_proj/k_proj/v_proj/o_proj)"
     mask_argument = "attention_mask"
     layer_parts = ("layernorm_before", "attention", "dropout", "layernorm_after", "mlp")
     attention_parts = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "attention_dropout", "config")
@@ -190,9 +192,9 @@ class _Transformers5:
     def output(self, module, out):
         return module.o_proj(out)
 
-    def attended(self, result):
-        """``[B, N, C]`` from what ``layer.attention`` returned."""
-        return result[0]
+    def attend(self, layer, normed, bias, options):
+        """The attention output ``[B, N, C]`` of ``layer`` for ``normed`` tokens, with ``bias``."""
+        return layer.attention(normed, bias, **options)[0]
 
     def attention_residual(self, layer, attended, hidden):
         return layer.dropout(attended) + hidden
@@ -204,13 +206,14 @@ class _Transformers5:
         return kwargs
 
 
-class _Transformers4:
-    """The transformers 4.x layout (4.50+): ``layer.attention`` wraps a self-attention module
-    (projections and attention, patched by sdmerge) and ``attention.output`` (dense, dropout);
-    ``layer.output`` adds the MLP residual. Before 4.56 layers and attention return tuples
-    (and take ``output_attentions``), from 4.56 on tensors."""
+class _EncoderLayerLayout:
+    """transformers 4.50 to 5.8: ``base_model.encoder.layer``; ``layer.attention`` wraps a
+    self-attention module (``query/key/value`` and the attention, patched by sdmerge) and
+    ``attention.output`` (dense, dropout); ``layer.output`` adds the MLP residual. Before 4.56
+    layers return tuples and take ``head_mask``/``output_attentions``, 4.56-4.57 return tensors
+    and take ``head_mask``, 5.0-5.8 take the hidden states only."""
 
-    name = "transformers 4.50+ (encoder.layer, attention.attention.query/key/value, attention.output.dense)"
+    name = "transformers 4.50-5.8 (encoder.layer, attention.attention.query/key/value, attention.output.dense)"
     mask_argument = "head_mask"
     layer_parts = ("layernorm_before", "attention", "intermediate", "output", "layernorm_after")
     attention_parts = (
@@ -225,7 +228,7 @@ class _Transformers4:
         return getattr(getattr(base, "encoder", None), "layer", None)
 
     def for_layers(self, layers):
-        return _Transformers4("output_attentions" in inspect.signature(type(layers[0]).forward).parameters)
+        return _EncoderLayerLayout("output_attentions" in inspect.signature(type(layers[0]).forward).parameters)
 
     def attention_module(self, layer) -> nn.Module:
         return layer.attention.attention
@@ -234,16 +237,19 @@ class _Transformers4:
         return module.query, module.key, module.value, module.attention_head_size, module.scaling, module.dropout_prob
 
     def attention_function(self, module, implementation: str) -> Callable:
+        # this layout's eager attention multiplies its mask onto the probabilities (4.x) or has none (5.0-5.8)
         return additive_eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
 
     def function_options(self, module, kwargs) -> dict:
         return {"is_causal": module.is_causal}
 
     def output(self, module, out):
-        return out  # the model's own ViTAttention applies attention.output
+        return out
 
-    def attended(self, result):
-        return result[0] if isinstance(result, tuple) else result
+    def attend(self, layer, normed, bias, options):
+        attend = layer.attention.attention
+        context = (attend(normed) if bias is None else attend(normed, bias))[0]  # 5.0-5.8 take no mask argument
+        return layer.attention.output(context, normed)
 
     def attention_residual(self, layer, attended, hidden):
         return attended + hidden
@@ -258,7 +264,7 @@ class _Transformers4:
         return {}
 
 
-_LAYOUTS = (_Transformers5(), _Transformers4())
+_LAYOUTS = (_ProjectionLayout(), _EncoderLayerLayout())
 
 
 def _missing_parts(layout, layer) -> list[str]:
@@ -294,34 +300,38 @@ class _LayerForward:
         self.patch, self.layout, self.layer, self.block = patch, layout, layer, block
         self.original = layer.forward
 
-    def __call__(self, hidden_states, mask=None, *args, **kwargs):
+    def __call__(self, hidden_states, *args, **kwargs):
         state, layer, layout = self.patch.state, self.layer, self.layout
+        mask = args[0] if args else kwargs.get(layout.mask_argument)
         if mask is not None:
             raise ValueError(f"sdmerge: {layout.mask_argument} cannot follow merged tokens; call the model without it")
-        options = layout.layer_options(args, kwargs)
+        options = layout.layer_options(args[1:], {k: v for k, v in kwargs.items() if k != layout.mask_argument})
         if state.is_plain(self.block):
-            return self.original(hidden_states, mask, *args, **kwargs)
-        attended = layer.attention(layer.layernorm_before(hidden_states), state.attention_bias(hidden_states.dtype), **options)
-        hidden_states = layout.attention_residual(layer, layout.attended(attended), hidden_states)
+            return self.original(hidden_states, *args, **kwargs)
+        normed = layer.layernorm_before(hidden_states)
+        attended = layout.attend(layer, normed, state.attention_bias(hidden_states.dtype), options)
+        hidden_states = layout.attention_residual(layer, attended, hidden_states)
         if state.reduces(self.block):
             hidden_states = state.reduce(self.block, hidden_states)
         return layout.mlp_residual(layer, hidden_states)
 
 
 class _AttentionForward:
-    """Forward of the module that computes a layer's attention (transformers 5: ``ViTAttention``;
-    4.x: ``ViTSelfAttention``; DeiT alike): takes the proportional-attention bias as its mask
-    and records keys (and ``A_cls``, values) in reducing blocks; otherwise the original forward.
-    Returns ``(output [B, N, C], probabilities or None)``."""
+    """Forward of the module that computes a layer's attention (transformers >= 5.9: ``ViTAttention``;
+    before: ``ViTSelfAttention``; DeiT alike). Its second positional argument, from sdmerge's
+    layer forward, is the proportional-attention bias; in reducing blocks it records keys (and
+    ``A_cls``, values). Without a bias and outside reducing blocks: the original forward, called
+    exactly as the model called it. Returns ``(output [B, N, C], probabilities or None)``."""
 
     def __init__(self, patch: ModelPatch, layout, module: nn.Module, block: int):
         self.patch, self.layout, self.module, self.block = patch, layout, module, block
         self.original = module.forward
 
-    def __call__(self, hidden_states, attention_mask=None, *args, **kwargs):
+    def __call__(self, hidden_states, *args, **kwargs):
         state, layout, module = self.patch.state, self.layout, self.module
+        attention_mask = args[0] if args else None
         if attention_mask is None and not state.reduces(self.block):
-            return self.original(hidden_states, attention_mask, *args, **kwargs)
+            return self.original(hidden_states, *args, **kwargs)
         q_proj, k_proj, v_proj, head_dim, scaling, dropout = layout.projections(module)
         shape = (*hidden_states.shape[:-1], -1, head_dim)
         query = q_proj(hidden_states).view(shape).transpose(1, 2)
