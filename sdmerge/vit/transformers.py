@@ -65,7 +65,6 @@ BIAS_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 """``config._attn_implementation`` values whose attention adds a float mask to the logits."""
 
 
-
 def accepts(model) -> bool:
     """Whether ``model`` is one of :data:`SUPPORTED_CLASSES` (or a subclass)."""
     return isinstance(model, SUPPORTED_CLASSES)
