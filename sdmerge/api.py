@@ -3,8 +3,9 @@
 Every integration module exposes ``accepts(model) -> bool``, ``apply(model, method, r,
 **options) -> model`` and ``remove(model) -> None``; the first integration that accepts the
 model handles it. An integration may also expose ``why_unsupported(model) -> str | None``,
-which explains why a model of its family that it does not accept cannot be patched. What ``r`` (the keep rate) and the options mean depends on the family:
-``docs/stable_diffusion.md`` for Stable Diffusion, ``docs/vit.md`` for ViT/DeiT classifiers.
+which explains why a model of its family that it does not accept cannot be patched. What
+``r`` (the keep rate) and the options mean depends on the family: ``docs/stable_diffusion.md``
+for Stable Diffusion, ``docs/vit.md`` for ViT/DeiT classifiers.
 
 The integrations are imported on first use, so ``import sdmerge`` (the core, ``cluster``) does
 not load diffusers or transformers.
@@ -54,10 +55,13 @@ def apply(model, method: str = "tome", r: float | None = None, **options):
 
 
 FAMILIES = (
-    ("sd", "Stable Diffusion (a diffusers UNet2DConditionModel or its pipeline)", "docs/stable_diffusion.md",
-     "max_downsample, sx, sy, use_rand, seed"),
-    ("vit", "ViT/DeiT classifiers (transformers, timm)", "docs/vit.md",
-     "stages, tokens_per_block, schedule, prop_attn"),
+    (
+        "sd",
+        "Stable Diffusion (a diffusers UNet2DConditionModel or its pipeline)",
+        "docs/stable_diffusion.md",
+        "max_downsample, sx, sy, use_rand, seed",
+    ),
+    ("vit", "ViT/DeiT classifiers (transformers, timm)", "docs/vit.md", "stages, tokens_per_block, schedule, prop_attn"),
 )
 """``(tag in Method.models, family, where its methods and options are documented, options)``."""
 

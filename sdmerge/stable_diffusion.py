@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 from diffusers import Transformer2DModel, UNet2DConditionModel
@@ -158,7 +157,8 @@ def why_unsupported(model) -> str | None:
     if "ControlNet" in type(_uncompiled(model)).__name__:
         return (
             f"{type(model).__name__} is a ControlNet, which sdmerge leaves unmerged: it merges tokens in the "
-            "pipeline's UNet only. Pass the pipeline or its UNet instead: sdmerge.apply(pipe) or sdmerge.apply(pipe.unet)"
+            "pipeline's UNet only. Pass the pipeline or its UNet instead: sdmerge.apply(pipe) or "
+            "sdmerge.apply(pipe.unet)"
         )
     return None
 
@@ -284,7 +284,9 @@ def enclosing_transformer(unet: UNet2DConditionModel, block_name: str) -> tuple[
         if isinstance(module, Transformer2DModel) and block_name.startswith(name + ".")
     ]
     if not enclosing:
-        raise ValueError(f"{block_name} is not inside a Transformer2DModel: its token grid, which the split needs, is unknown")
+        raise ValueError(
+            f"{block_name} is not inside a Transformer2DModel: its token grid, which the split needs, is unknown"
+        )
     return max(enclosing, key=lambda item: len(item[0]))
 
 
@@ -332,7 +334,7 @@ class MergeState:
         self.method: Method = get_method(config.method, "sd")
         self.randomness = SplitRandomness(config.use_rand, config.seed)
         self.blocks = [
-            MergedBlock(name, block, level, self) for name, block, level in blocks_to_merge(unet, config.max_downsample)
+            MergedBlock(name, block, self) for name, block, _ in blocks_to_merge(unet, config.max_downsample)
         ]
         for block in self.blocks:
             _check_attention(f"{block.name}.attn1", block.module.attn1, reads_probabilities=False)
@@ -357,14 +359,16 @@ class MergeState:
             self._hooks.append(block.module.register_forward_pre_hook(block.capture_metric, with_kwargs=True))
             if block.grid_source is not None:
                 self._hooks.append(block.grid_source[1].register_forward_pre_hook(block.record_grid, with_kwargs=True))
-            self._layers.append(WrappedLayer(f"{block.name}.attn1", block.module.attn1, TokenMergingProcessor, block))
+            attn1, attn2 = block.module.attn1, block.module.attn2
+            self._layers.append(WrappedLayer(f"{block.name}.attn1", attn1, TokenMergingProcessor, block))
             if self.method.needs_importance:
-                layer = WrappedLayer(f"{block.name}.attn2", block.module.attn2, PromptAttentionMassProcessor, block.store_mass)
-                self._layers.append(layer)
+                self._layers.append(
+                    WrappedLayer(f"{block.name}.attn2", attn2, PromptAttentionMassProcessor, block.store_mass)
+                )
         for layer in self._layers:
             self._wrap(layer)
         self._hooks.append(self.unet.register_forward_pre_hook(self.on_unet_call, with_kwargs=True))
-        self.unet.set_default_attn_processor = self.set_default_attn_processor  # diffusers' refuses our processors
+        self.unet.set_default_attn_processor = self.set_default_attn_processor  # diffusers' own refuses ours
 
     def _wrap(self, layer: "WrappedLayer") -> None:
         layer.installed = layer.wrapper_type(layer.attn.processor, layer.argument)
@@ -396,7 +400,7 @@ class MergeState:
                 layer.installed = processor
                 continue
             try:
-                _check_attention(layer.name, layer.attn, reads_probabilities=layer.wrapper_type is not TokenMergingProcessor)
+                _check_attention(layer.name, layer.attn, reads_probabilities=layer.reads_probabilities)
             except ValueError as error:
                 raise ValueError(
                     f"{error} (a processor set after sdmerge.apply; call sdmerge.remove before setting it)"
@@ -415,16 +419,16 @@ class MergeState:
             )
 
     def set_default_attn_processor(self) -> None:
-        """``unet.set_default_attn_processor()`` while patched (diffusers' refuses sdmerge's processors):
+        """``unet.set_default_attn_processor()`` while patched (diffusers' own refuses sdmerge's processors):
         diffusers' default processor, chosen from the processors sdmerge wraps, under sdmerge's
         wrappers; merging stays in effect (``sdmerge.remove`` gives the unmerged model)."""
-        installed = [(layer.attn, layer.attn.processor) for layer in self._layers]
-        for attn, processor in installed:
+        current = [(layer.attn, layer.attn.processor) for layer in self._layers]
+        for attn, processor in current:
             attn.set_processor(self._unwrapped(processor))
         try:
             type(self.unet).set_default_attn_processor(self.unet)
-        except BaseException:
-            for attn, processor in installed:
+        except BaseException:  # e.g. custom processors diffusers has no default for: put ours back
+            for attn, processor in current:
                 attn.set_processor(processor)
             raise
         self.wrap_new_processors()
@@ -473,6 +477,11 @@ class WrappedLayer:
     wrapper_type: type
     argument: object
     installed: object = None
+
+    @property
+    def reads_probabilities(self) -> bool:
+        """Whether the wrapper reads the layer's attention probabilities (``attn2``'s)."""
+        return self.wrapper_type is PromptAttentionMassProcessor
 
 
 class SplitRandomness:
@@ -528,10 +537,9 @@ class MergedBlock:
     pre-hook: the block's ``N = H * W`` tokens in raster order.
     """
 
-    def __init__(self, name: str, module: BasicTransformerBlock, level: int, state: MergeState):
+    def __init__(self, name: str, module: BasicTransformerBlock, state: MergeState):
         self.name = name
         self.module = module
-        self.level = level
         self.state = state
         self.metric: Tensor | None = None
         self.cross_attention_mass: Tensor | None = None

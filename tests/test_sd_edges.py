@@ -326,11 +326,10 @@ def test_deepcopy_of_a_patched_unet_is_patched_on_its_own():
     twin = copy.deepcopy(unet)
     assert twin._sdmerge.unet is twin
     assert all(torch.equal(forward(twin, *inputs, t), out) for t, out in zip((900, 800), merged))
-    twin.set_default_attn_processor()  # acts on the copy's state
     sdmerge.remove(twin)
     assert merged_blocks(twin) == () and merged_blocks(unet) == SD15_MERGED
     assert isinstance(unet.get_submodule(SD15_MERGED[0]).attn1.processor, TokenMergingProcessor)
-    torch.testing.assert_close(forward(twin, *inputs), base, atol=1e-5, rtol=1e-5)  # AttnProcessor now
+    assert torch.equal(forward(twin, *inputs), base)
     sdmerge.remove(unet)
     assert torch.equal(forward(unet, *inputs), base)
 
@@ -347,3 +346,16 @@ def test_apply_leaves_the_state_dict_unchanged():
         assert all(torch.equal(after[name], tensor) for name, tensor in before.items()), method
     sdmerge.remove(unet)
     assert list(unet.state_dict()) == list(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_an_odd_non_square_latent(dtype):
+    """Both half types run on CPU here; the recorded grids and the split do not depend on dtype."""
+    unet = sd15_unet().to(dtype)
+    sample, context = unet_inputs(batch=3, size=(9, 13))
+    sample, context = sample.to(dtype), context.to(dtype)
+    base = forward(unet, sample, context)
+    for method in ("tome", "cis", "atc_average"):
+        sdmerge.apply(unet, method, r=0.5, max_downsample=2)
+        out = forward(unet, sample, context)
+        assert out.dtype == dtype and torch.isfinite(out).all() and not torch.equal(out, base), method
