@@ -98,6 +98,14 @@ def test_pipeline_with_a_compiled_unet():
     sdmerge.remove(pipe)
     assert all(unet.attn_processors[name] is p for name, p in originals.items())
 
+    pipe.unet = unet  # the other order: apply, then compile, then remove
+    sdmerge.apply(pipe, "tome")
+    pipe.unet = torch.compile(unet, backend=COMPILED)
+    assert merged_blocks(pipe) == SD15_MERGED
+    sdmerge.remove(pipe)
+    assert merged_blocks(pipe) == ()
+    assert all(unet.attn_processors[name] is p for name, p in originals.items())
+
 
 # --- 2, 3. processors replaced after apply ---------------------------------------------------------
 
