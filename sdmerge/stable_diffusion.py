@@ -583,7 +583,10 @@ class MergedBlock:
         block at a small latent), the block runs unmerged for this call; logged once per grid."""
         source = self.grid_source[0]
         if self.grid is None:
-            raise RuntimeError(f"{self.name} was called outside its {source}: its token grid is unknown")
+            raise RuntimeError(
+                f"{self.name}: its token grid is unknown, because {source} received no [B, C, H, W] hidden states "
+                f"before it: call the UNet or {source}, not the block alone"
+            )
         height, width = self.grid
         if height * width != num_tokens:
             raise RuntimeError(f"{self.name} has {num_tokens} tokens, not the {height}x{width} grid {source} received")
@@ -594,8 +597,8 @@ class MergedBlock:
             self._unsplit_grids.add(self.grid)
             logger.warning(
                 "sdmerge: %s has a %dx%d token grid at this latent size, smaller than one window of %s's split "
-                "(sy=%d, sx=%d): it runs unmerged. It is merged because of max_downsample=%d; a larger latent, "
-                "smaller sx/sy or a smaller max_downsample avoid this.",
+                "(sy=%d, sx=%d): it runs unmerged (max_downsample=%d puts it among the merged blocks; a larger "
+                "latent, smaller sx/sy or a smaller max_downsample avoid this).",
                 self.name, height, width, config.method, config.sy, config.sx, config.max_downsample,
             )
         return False
