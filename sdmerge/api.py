@@ -2,8 +2,10 @@
 
 Every integration module exposes ``accepts(model) -> bool``, ``apply(model, method, r,
 **options) -> model`` and ``remove(model) -> None``; the first integration that accepts the
-model handles it. What ``r`` (the keep rate) and the options mean depends on the family:
-``docs/stable_diffusion.md`` for Stable Diffusion, ``docs/vit.md`` for ViT/DeiT classifiers.
+model handles it. An integration may also expose ``why_unsupported(model) -> str | None``,
+which explains why a model of its family that it does not accept cannot be patched. What
+``r`` (the keep rate) and the options mean depends on the family: ``docs/stable_diffusion.md``
+for Stable Diffusion, ``docs/vit.md`` for ViT/DeiT classifiers.
 
 The integrations are imported on first use, so ``import sdmerge`` (the core, ``cluster``) does
 not load diffusers or transformers.
@@ -12,6 +14,8 @@ not load diffusers or transformers.
 from __future__ import annotations
 
 import importlib
+
+from .methods import METHODS
 
 INTEGRATIONS = ("stable_diffusion", "vit.transformers", "vit.timm")
 """The integration modules of ``sdmerge``, in the order they are asked."""
@@ -38,22 +42,53 @@ def _integration_for(model):
     for integration in modules:
         if integration.accepts(model):
             return integration
+    name = f"{type(model).__module__}.{type(model).__name__}"
+    for integration in modules:
+        reason = getattr(integration, "why_unsupported", lambda model: None)(model)
+        if reason is not None:
+            raise TypeError(f"sdmerge does not support {name}: {reason}")
     supported = "; ".join([_supported_names(integration) for integration in modules] + unavailable)
-    raise TypeError(f"sdmerge does not support {type(model).__module__}.{type(model).__name__}; supported: {supported}")
+    raise TypeError(f"sdmerge does not support {name}; supported: {supported}")
 
 
 def apply(model, method: str = "tome", r: float | None = None, **options):
     """Patch ``model`` in place to merge tokens with ``method`` at keep rate ``r``; returns it.
 
-    ``r`` is the fraction of tokens kept, ``0 < r <= 1``; ``None`` takes the family's default
-    (0.5). Options depend on the model family: Stable Diffusion ``max_downsample``, ``sx``,
-    ``sy``, ``use_rand``, ``seed`` (``docs/stable_diffusion.md``); ViT/DeiT ``stages``,
-    ``tokens_per_block``, ``schedule``, ``prop_attn``, ``cis_score`` (``docs/vit.md``).
+    ``r`` is the fraction of tokens kept, a real number ``0 < r <= 1``; ``None`` takes the
+    family's default (0.5). Methods and options depend on the model family:
+
+{families}
     """
     integration = _integration_for(model)
     if r is None:
         return integration.apply(model, method, **options)
     return integration.apply(model, method, r, **options)
+
+
+FAMILIES = (
+    (
+        "sd",
+        "Stable Diffusion (a diffusers UNet2DConditionModel or its pipeline)",
+        "docs/stable_diffusion.md",
+        "max_downsample, sx, sy, use_rand, seed",
+    ),
+    ("vit", "ViT/DeiT classifiers (transformers, timm)", "docs/vit.md", "stages, tokens_per_block, schedule, prop_attn, cis_score"),
+)
+"""``(tag in Method.models, family, where its methods and options are documented, options)``."""
+
+
+def _families_doc() -> str:
+    """Each family's method names, from ``sdmerge.methods.METHODS``, for :func:`apply`'s docstring."""
+    return "\n".join(
+        f"    {family}, documented in ``{doc}``:\n"
+        f"        methods: {', '.join(name for name, m in METHODS.items() if tag in m.models)}\n"
+        f"        options: {options}"
+        for tag, family, doc, options in FAMILIES
+    )
+
+
+if apply.__doc__ is not None:  # None under python -OO
+    apply.__doc__ = apply.__doc__.format(families=_families_doc())
 
 
 def remove(model) -> None:

@@ -11,8 +11,13 @@ the grouping and the merge weights):
     out = plan.unmerge(y)     every token gets its group's output back, [B, N, C]
 
 and the block adds its residual as usual. The merging processor wraps the processor that was
-there (custom ones included) and calls it on the merged tokens; ``remove`` puts the original
-processor objects back and removes every hook.
+there (custom ones included) and calls it on the merged tokens; ``remove`` puts the wrapped
+processor objects back and removes every hook. A processor set on a merged layer after
+``apply`` (attention slicing, fused QKV, ``set_default_attn_processor``, ``set_attn_processor``)
+is wrapped in turn at the next UNet call, so merging stays in effect until ``remove``.
+
+A ``torch.compile``d UNet (``OptimizedModule``) is patched through the module it wraps, so
+``apply`` and ``remove`` work before or after compiling.
 
 Which blocks: level ``l`` of the UNet is the resolution after ``l`` downsamplings (SD-1.5:
 ``down_blocks.l``, ``up_blocks.(3-l)``, the mid block at level 3). A block is merged when
@@ -27,21 +32,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
 from dataclasses import dataclass, fields
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import Transformer2DModel, UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 from .core import check_keep_rate, random_2d_split, tokens_to_remove
 from .core.plan import MergePlan
 from .methods import METHODS, Method, get_method
 from .prompt_importance import PromptAttentionMassProcessor, prompt_importance
 
-SUPPORTED = "DiffusionPipeline (with a UNet2DConditionModel), UNet2DConditionModel"
+SUPPORTED = "DiffusionPipeline (with a UNet2DConditionModel), UNet2DConditionModel (torch.compile'd or not)"
 """What :func:`apply` accepts: a UNet2DConditionModel, or a pipeline holding one as ``.unet``."""
 
 _STATE_ATTRIBUTE = "_sdmerge"
@@ -78,6 +83,11 @@ class MergeConfig:
         method = get_method(self.method, "sd")
         object.__setattr__(self, "keep_rate", check_keep_rate(self.keep_rate))
         _check_int("max_downsample", self.max_downsample, minimum=1)
+        if self.max_downsample & (self.max_downsample - 1):
+            raise ValueError(
+                f"max_downsample={self.max_downsample} is not a power of two; allowed: 1, 2, 4, 8, ... "
+                "(the downsampling factor of a UNet level)"
+            )
         _check_int("sx", self.sx, minimum=1)
         _check_int("sy", self.sy, minimum=1)
         if not isinstance(self.use_rand, bool):
@@ -119,19 +129,51 @@ def _check_int(name: str, value, minimum: int | None = None) -> None:
         raise ValueError(f"{name}={value} is not allowed; {name} must be >= {minimum}")
 
 
+def _uncompiled(model):
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) wraps; any other object as it is."""
+    while isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
+def _unet_of(model) -> UNet2DConditionModel | None:
+    """``model`` or ``model.unet`` as a UNet2DConditionModel (compiled or not), else ``None``."""
+    for candidate in (model, getattr(model, "unet", None)):
+        candidate = _uncompiled(candidate)
+        if isinstance(candidate, UNet2DConditionModel):
+            return candidate
+    return None
+
+
 def accepts(model) -> bool:
-    """Whether ``model`` is a UNet2DConditionModel or holds one as ``.unet`` (SD pipelines)."""
-    return isinstance(model, UNet2DConditionModel) or isinstance(getattr(model, "unet", None), UNet2DConditionModel)
+    """Whether ``model`` is a UNet2DConditionModel or holds one as ``.unet`` (SD pipelines);
+    either may be wrapped by ``torch.compile``."""
+    return _unet_of(model) is not None
+
+
+def why_unsupported(model) -> str | None:
+    """Why a model of the Stable Diffusion family that :func:`accepts` refuses cannot be patched
+    (a ControlNet), for the dispatcher's error; ``None`` for other models."""
+    if "ControlNet" in type(_uncompiled(model)).__name__:
+        return (
+            f"{type(model).__name__} is a ControlNet, which sdmerge leaves unmerged: it merges tokens in the "
+            "pipeline's UNet only. Pass the pipeline or its UNet instead: sdmerge.apply(pipe) or "
+            "sdmerge.apply(pipe.unet)"
+        )
+    return None
 
 
 def find_unet(model) -> UNet2DConditionModel:
-    """The UNet of ``model`` (itself, or ``model.unet``); ``TypeError`` if it has none."""
-    if isinstance(model, UNet2DConditionModel):
-        return model
-    unet = getattr(model, "unet", None)
-    if isinstance(unet, UNet2DConditionModel):
+    """The UNet of ``model`` (itself, or ``model.unet``; the module a ``torch.compile`` wrapper
+    wraps); ``TypeError`` if it has none."""
+    unet = _unet_of(model)
+    if unet is not None:
         return unet
-    found = "" if unet is None else f" (its .unet is a {type(unet).__name__})"
+    reason = why_unsupported(model)
+    if reason is not None:
+        raise TypeError(reason)
+    held = getattr(model, "unet", None)
+    found = "" if held is None else f" (its .unet is a {type(held).__name__})"
     raise TypeError(
         f"{type(model).__name__} is not supported by sdmerge's Stable Diffusion integration{found}: "
         "expected a diffusers UNet2DConditionModel or a pipeline holding one as .unet"
@@ -154,14 +196,17 @@ def apply(
 
     Args:
         model: a diffusers pipeline with a ``UNet2DConditionModel`` (SD-1.x, SD-2.x, SDXL and
-            their img2img / inpaint / ControlNet variants), or that UNet.
+            their img2img / inpaint / ControlNet variants), or that UNet; either may be
+            ``torch.compile``d (the compiled module's ``_orig_mod`` is patched).
         method: ``tome``, ``atc_single``, ``atc_complete``, ``atc_average``, ``cis`` or ``crucial``.
         r: keep rate; a merged self-attention of ``N`` tokens sees ``N - floor(N (1 - r))``.
         max_downsample, sx, sy, use_rand, seed: see :class:`MergeConfig`.
 
-    Applying again replaces the previous patch. Raises ``ValueError`` / ``TypeError`` for an
-    unknown method or option, a keep rate outside ``(0, 1]`` or below what the method can
-    reach, and a model or attention layer that cannot be merged.
+    Applying again replaces the previous patch. Processors set on merged layers later
+    (attention slicing, fused QKV, ``set_default_attn_processor``) keep merging: sdmerge wraps
+    them at the next UNet call. Raises ``ValueError`` / ``TypeError`` for an unknown method or
+    option, a keep rate outside ``(0, 1]`` or below what the method can reach, and a model or
+    attention layer that cannot be merged.
     """
     if unknown:
         raise TypeError(
@@ -178,10 +223,11 @@ def apply(
 
 
 def remove(model) -> None:
-    """Undo :func:`apply`: the original attention processors are back and no hook is left.
+    """Undo :func:`apply`: every processor sdmerge wrapped is back, unwrapped, and no hook is left.
 
-    A processor that was replaced after ``apply`` (e.g. by ``set_attn_processor``) is left as it
-    is. Does nothing on a UNet that is not patched.
+    Without processor changes after ``apply`` that is the original processor objects. A
+    processor set after ``apply`` (slicing, fused QKV, ``set_attn_processor``) stays, without
+    sdmerge's wrapper. Does nothing on a UNet that is not patched.
     """
     unet = find_unet(model)
     state = getattr(unet, _STATE_ATTRIBUTE, None)
@@ -229,6 +275,21 @@ def blocks_to_merge(unet: UNet2DConditionModel, max_downsample: int) -> list[tup
     return [(name, block, level) for name, block, level in blocks if 2 ** (level - first) <= max_downsample]
 
 
+def enclosing_transformer(unet: UNet2DConditionModel, block_name: str) -> tuple[str, Transformer2DModel]:
+    """The innermost ``Transformer2DModel`` holding the transformer block ``block_name``, with its
+    name: the module whose ``[B, C, H, W]`` input gives the block's token grid."""
+    enclosing = [
+        (name, module)
+        for name, module in unet.named_modules()
+        if isinstance(module, Transformer2DModel) and block_name.startswith(name + ".")
+    ]
+    if not enclosing:
+        raise ValueError(
+            f"{block_name} is not inside a Transformer2DModel: its token grid, which the split needs, is unknown"
+        )
+    return max(enclosing, key=lambda item: len(item[0]))
+
+
 def _check_attention(name: str, attn: Attention | None, *, reads_probabilities: bool) -> None:
     """Raise ``ValueError`` if sdmerge cannot wrap the processor of ``attn`` correctly: ``attn1``
     (its input tokens are merged) or, with ``reads_probabilities``, ``attn2`` (its attention
@@ -257,9 +318,10 @@ def _check_attention(name: str, attn: Attention | None, *, reads_probabilities: 
 class MergeState:
     """Everything :func:`apply` installs on one UNet, and the state it keeps between calls.
 
-    Per UNet call (forward pre-hook): the latent size (for the token grids), the timestep (for
-    seeding and generation boundaries, read only when needed, since reading it synchronises
-    with the device). Per merged block: see :class:`MergedBlock`.
+    Per UNet call (forward pre-hook): processors set on merged layers since the last call are
+    wrapped (:meth:`wrap_new_processors`); the timestep (for seeding and generation boundaries)
+    is read only when needed, since reading it synchronises with the device. Per merged block:
+    see :class:`MergedBlock`.
 
     Generation boundaries (``cis``, ``crucial``): a UNet call starts a new generation when its
     timestep is larger than the previous call's, or the shape of its ``sample`` differs; the
@@ -272,15 +334,16 @@ class MergeState:
         self.method: Method = get_method(config.method, "sd")
         self.randomness = SplitRandomness(config.use_rand, config.seed)
         self.blocks = [
-            MergedBlock(name, block, level, self) for name, block, level in blocks_to_merge(unet, config.max_downsample)
+            MergedBlock(name, block, self) for name, block, _ in blocks_to_merge(unet, config.max_downsample)
         ]
         for block in self.blocks:
             _check_attention(f"{block.name}.attn1", block.module.attn1, reads_probabilities=False)
             if self.method.needs_importance:
                 _check_attention(f"{block.name}.attn2", block.module.attn2, reads_probabilities=True)
-        self.latent_size: tuple[int, int] | None = None
         self._previous_call: tuple[float, torch.Size] | None = None
-        self._installed: list[tuple[Attention, object, object]] = []  # (attention, our processor, original)
+        self._layers: list[WrappedLayer] = []
+        self._wrappers: list[object] = []  # every processor sdmerge made for this UNet
+        self._logged_new_processors = False
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     @property
@@ -294,38 +357,100 @@ class MergeState:
     def install(self) -> None:
         for block in self.blocks:
             self._hooks.append(block.module.register_forward_pre_hook(block.capture_metric, with_kwargs=True))
-            self._wrap(block.module.attn1, TokenMergingProcessor(block.module.attn1.processor, block))
+            if block.grid_source is not None:
+                self._hooks.append(block.grid_source[1].register_forward_pre_hook(block.record_grid, with_kwargs=True))
+            attn1, attn2 = block.module.attn1, block.module.attn2
+            self._layers.append(WrappedLayer(f"{block.name}.attn1", attn1, TokenMergingProcessor, block))
             if self.method.needs_importance:
-                attn2 = block.module.attn2
-                self._wrap(attn2, PromptAttentionMassProcessor(attn2.processor, block.store_mass))
+                self._layers.append(
+                    WrappedLayer(f"{block.name}.attn2", attn2, PromptAttentionMassProcessor, block.store_mass)
+                )
+        for layer in self._layers:
+            self._wrap(layer)
         self._hooks.append(self.unet.register_forward_pre_hook(self.on_unet_call, with_kwargs=True))
+        self.unet.set_default_attn_processor = self.set_default_attn_processor  # diffusers' own refuses ours
 
-    def _wrap(self, attn: Attention, processor) -> None:
-        self._installed.append((attn, processor, attn.processor))
-        attn.set_processor(processor)
+    def _wrap(self, layer: "WrappedLayer") -> None:
+        layer.installed = layer.wrapper_type(layer.attn.processor, layer.argument)
+        self._wrappers.append(layer.installed)
+        layer.attn.set_processor(layer.installed)
+
+    def _is_ours(self, processor) -> bool:
+        return any(processor is wrapper for wrapper in self._wrappers)
+
+    def _unwrapped(self, processor):
+        """The processor under sdmerge's wrappers (``processor`` itself if it is not one)."""
+        while self._is_ours(processor):
+            processor = processor.original
+        return processor
+
+    def wrap_new_processors(self) -> None:
+        """Wrap the processors set on merged layers since the last UNet call (attention slicing,
+        fused QKV, ``set_attn_processor``), so that merging stays in effect; logged once.
+
+        ``ValueError`` if a new processor cannot be wrapped correctly (see ``_check_attention``).
+        One of sdmerge's own processors put back (``unfuse_qkv_projections``) is kept as it is.
+        """
+        wrapped = []
+        for layer in self._layers:
+            processor = layer.attn.processor
+            if processor is layer.installed:
+                continue
+            if self._is_ours(processor):
+                layer.installed = processor
+                continue
+            try:
+                _check_attention(layer.name, layer.attn, reads_probabilities=layer.reads_probabilities)
+            except ValueError as error:
+                raise ValueError(
+                    f"{error} (a processor set after sdmerge.apply; call sdmerge.remove before setting it)"
+                ) from None
+            self._wrap(layer)
+            wrapped.append(layer.name)
+        if wrapped and not self._logged_new_processors:
+            self._logged_new_processors = True
+            logger.warning(
+                "sdmerge: the attention processors of %d merged layers (%s, ...) were replaced after sdmerge.apply "
+                "(e.g. by enable_attention_slicing, fuse_qkv_projections or set_default_attn_processor); sdmerge "
+                "wraps the new processors, so these layers keep merging tokens. sdmerge.remove gives the unmerged "
+                "model.",
+                len(wrapped),
+                wrapped[0],
+            )
+
+    def set_default_attn_processor(self) -> None:
+        """``unet.set_default_attn_processor()`` while patched (diffusers' own refuses sdmerge's processors):
+        diffusers' default processor, chosen from the processors sdmerge wraps, under sdmerge's
+        wrappers; merging stays in effect (``sdmerge.remove`` gives the unmerged model)."""
+        current = [(layer.attn, layer.attn.processor) for layer in self._layers]
+        for attn, processor in current:
+            attn.set_processor(self._unwrapped(processor))
+        try:
+            type(self.unet).set_default_attn_processor(self.unet)
+        except BaseException:  # e.g. custom processors diffusers has no default for: put ours back
+            for attn, processor in current:
+                attn.set_processor(processor)
+            raise
+        self.wrap_new_processors()
 
     def uninstall(self) -> None:
         for handle in self._hooks:
             handle.remove()
-        for attn, processor, original in self._installed:
-            if attn.processor is processor:
-                attn.set_processor(original)
+        for layer in self._layers:
+            if self._is_ours(layer.attn.processor):
+                layer.attn.set_processor(self._unwrapped(layer.attn.processor))
+        saved = getattr(self.unet, "original_attn_processors", None)  # what unfuse_qkv_projections puts back
+        if isinstance(saved, dict):
+            self.unet.original_attn_processors = {name: self._unwrapped(p) for name, p in saved.items()}
+        del self.unet.set_default_attn_processor
         self._hooks.clear()
-        self._installed.clear()
+        self._layers.clear()
+        self._wrappers.clear()
 
     def on_unet_call(self, unet, args, kwargs) -> None:
-        """UNet forward pre-hook: record the latent size, and the timestep where it is needed."""
+        """UNet forward pre-hook: wrap new processors; read the timestep where it is needed."""
         sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        self.latent_size = tuple(sample.shape[-2:])
-        replaced = [attn for attn, processor, _ in self._installed if attn.processor is not processor]
-        if replaced:
-            warnings.warn(
-                f"sdmerge: {len(replaced)} attention processors installed by sdmerge.apply were replaced since "
-                "(e.g. by set_attn_processor or loading an adapter); those layers no longer merge tokens. "
-                "Call sdmerge.apply again.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        self.wrap_new_processors()
         if self.reads_timestep:
             timestep = float(torch.as_tensor(kwargs["timestep"] if "timestep" in kwargs else args[1]).flatten()[0])
             if self._starts_generation(timestep, sample.shape):
@@ -339,6 +464,24 @@ class MergeState:
         diffusion goes backwards in time), or its sample's shape changed."""
         previous = self._previous_call
         return previous is None or timestep > previous[0] or shape != previous[1]
+
+
+@dataclass(eq=False)
+class WrappedLayer:
+    """An attention layer whose processor sdmerge wraps: ``wrapper_type(processor, argument)``
+    (``TokenMergingProcessor`` on ``attn1``, ``PromptAttentionMassProcessor`` on ``attn2``);
+    ``installed``: the wrapper set last."""
+
+    name: str
+    attn: Attention
+    wrapper_type: type
+    argument: object
+    installed: object = None
+
+    @property
+    def reads_probabilities(self) -> bool:
+        """Whether the wrapper reads the layer's attention probabilities (``attn2``'s)."""
+        return self.wrapper_type is PromptAttentionMassProcessor
 
 
 class SplitRandomness:
@@ -389,18 +532,27 @@ class MergedBlock:
     ``metric``: the block input ``x`` ``[B, N, C]``, captured by a forward pre-hook and consumed
     by ``attn1``. ``cross_attention_mass``: ``p`` ``[B, N]`` written by ``attn2``; ``attn1`` runs
     before ``attn2`` in a block, so ``attn1`` reads the value of the previous UNet call.
+    ``grid`` (bipartite methods): ``(H, W)`` of the ``[B, C, H, W]`` hidden states the block's
+    ``Transformer2DModel`` (``grid_source``, with its name) received last, recorded by a forward
+    pre-hook: the block's ``N = H * W`` tokens in raster order.
     """
 
-    def __init__(self, name: str, module: BasicTransformerBlock, level: int, state: MergeState):
+    def __init__(self, name: str, module: BasicTransformerBlock, state: MergeState):
         self.name = name
         self.module = module
-        self.level = level
         self.state = state
         self.metric: Tensor | None = None
         self.cross_attention_mass: Tensor | None = None
+        self.grid_source = enclosing_transformer(state.unet, name) if state.method.needs_split else None
+        self.grid: tuple[int, int] | None = None
+        self._unsplit_grids: set[tuple[int, int]] = set()  # grids too small for one window (logged)
 
     def capture_metric(self, module, args, kwargs) -> None:
         self.metric = args[0] if args else kwargs["hidden_states"]
+
+    def record_grid(self, module, args, kwargs) -> None:
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        self.grid = tuple(hidden_states.shape[-2:]) if hidden_states.dim() == 4 else None
 
     def store_mass(self, mass: Tensor) -> None:
         self.cross_attention_mass = mass
@@ -419,24 +571,43 @@ class MergedBlock:
         if remove == 0:
             return None
         method = self.state.method
-        split = self._split(num_tokens, hidden_states.device) if method.needs_split else None
+        if method.needs_split and not self._grid_holds_a_window(num_tokens):
+            return None
+        split = self._split(hidden_states.device) if method.needs_split else None
         importance = self._importance(attn, hidden_states) if method.needs_importance else None
         plan = method.plan(metric, remove, importance=importance, split=split)
         return plan, method.weights(None, importance)
 
-    def _split(self, num_tokens: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """The random 2D split of this block's token grid (``ceil(latent / 2 ** level)``)."""
-        if self.state.latent_size is None:
-            raise RuntimeError(f"{self.name} was called outside a UNet call: its token grid is unknown")
-        config, factor = self.state.config, 2**self.level
-        height, width = (-(-size // factor) for size in self.state.latent_size)
-        if height * width != num_tokens:
+    def _grid_holds_a_window(self, num_tokens: int) -> bool:
+        """Whether this call's token grid holds one ``sy x sx`` window of the split. If not (a deep
+        block at a small latent), the block runs unmerged for this call; logged once per grid."""
+        source = self.grid_source[0]
+        if self.grid is None:
             raise RuntimeError(
-                f"{self.name} has {num_tokens} tokens, not the {height}x{width} grid of a "
-                f"{self.state.latent_size[0]}x{self.state.latent_size[1]} latent downsampled {factor}x"
+                f"{self.name}: its token grid is unknown, because {source} received no [B, C, H, W] hidden states "
+                f"before it: call the UNet or {source}, not the block alone"
             )
+        height, width = self.grid
+        if height * width != num_tokens:
+            raise RuntimeError(f"{self.name} has {num_tokens} tokens, not the {height}x{width} grid {source} received")
+        config = self.state.config
+        if height >= config.sy and width >= config.sx:
+            return True
+        if self.grid not in self._unsplit_grids:
+            self._unsplit_grids.add(self.grid)
+            logger.warning(
+                "sdmerge: %s has a %dx%d token grid at this latent size, smaller than one window of %s's split "
+                "(sy=%d, sx=%d): it runs unmerged (max_downsample=%d puts it among the merged blocks; a larger "
+                "latent, smaller sx/sy or a smaller max_downsample avoid this).",
+                self.name, height, width, config.method, config.sy, config.sx, config.max_downsample,
+            )
+        return False
+
+    def _split(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The random 2D split of this block's token grid (recorded by :meth:`record_grid`)."""
+        config = self.state.config
         generator = self.state.randomness.generator(device)
-        return random_2d_split(height, width, config.sx, config.sy, generator=generator, device=device)
+        return random_2d_split(*self.grid, config.sx, config.sy, generator=generator, device=device)
 
     def _importance(self, attn: Attention, hidden_states: Tensor) -> Tensor | None:
         """``p_i * ||v_i||`` (``sdmerge.prompt_importance``). Without ``p`` (first call of a

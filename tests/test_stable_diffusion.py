@@ -173,15 +173,16 @@ def test_custom_processor_is_wrapped_then_restored(inputs):
     assert merged.processor is custom_merged and unmerged.processor is custom_unmerged
 
 
-def test_replaced_processors_warn_and_are_kept_by_remove(inputs):
+def test_replaced_processors_keep_merging_and_are_kept_by_remove(inputs):
     unet = sd15_unet()
-    sdmerge.apply(unet, "tome")
-    unet.set_attn_processor(AttnProcessor2_0())
-    with pytest.warns(RuntimeWarning, match="replaced"):
-        forward(unet, *inputs)
-    replacement = unet.get_submodule(SD15_MERGED[0]).attn1.processor
+    sdmerge.apply(unet, "tome", use_rand=False)
+    expected = forward(unet, *inputs)
+    replacement = AttnProcessor2_0()
+    unet.set_attn_processor(replacement)
+    assert torch.equal(forward(unet, *inputs), expected)  # wrapped at the call
+    assert unet.get_submodule(SD15_MERGED[0]).attn1.processor.original is replacement
     sdmerge.remove(unet)
-    assert unet.get_submodule(SD15_MERGED[0]).attn1.processor is replacement
+    assert all(processor is replacement for processor in unet.attn_processors.values())
 
 
 # --- equivalence with oracles -----------------------------------------------------------------
@@ -385,7 +386,7 @@ def test_bad_arguments_raise_clear_errors():
         sdmerge.apply(unet, "fast")
     with pytest.raises(ValueError, match="for sd models"):
         sdmerge.apply(unet, "topk")
-    for keep_rate in (0, -0.1, 1.5, "half"):
+    for keep_rate in (0, -0.1, 1.5, "half", "0.5", True):
         with pytest.raises(ValueError, match="0 < r <= 1"):
             sdmerge.apply(unet, "tome", r=keep_rate)
     with pytest.raises(ValueError, match=r"2x2 stride keeps at least 1/4 = 0.25"):
@@ -408,11 +409,16 @@ def test_bad_arguments_raise_clear_errors():
         sdmerge.apply(unet, "tome", use_rand="yes")
     with pytest.raises(ValueError, match="max_downsample=0"):
         sdmerge.apply(unet, "tome", max_downsample=0)
+    with pytest.raises(ValueError, match="max_downsample=3 is not a power of two"):
+        sdmerge.apply(unet, "tome", max_downsample=3)
     assert merged_blocks(unet) == SD15_MERGED  # failed calls left the last patch in place
 
 
 def test_models_without_a_unet_are_rejected():
-    supported = r"builtins.object; supported: DiffusionPipeline \(with a UNet2DConditionModel\), UNet2DConditionModel; ViTModel"
+    supported = (
+        r"builtins.object; supported: DiffusionPipeline \(with a UNet2DConditionModel\), "
+        r"UNet2DConditionModel \(torch.compile'd or not\); ViTModel"
+    )
     with pytest.raises(TypeError, match=supported):
         sdmerge.apply(object())
     with pytest.raises(TypeError, match="builtins.object"):
@@ -453,9 +459,9 @@ def test_merged_attention_outside_its_block_or_unet_or_with_a_mask_is_an_error(i
     with pytest.raises(ValueError, match="self-attention mask"):
         block(x, attention_mask=torch.zeros(2, 1, 256), encoder_hidden_states=inputs[1])
 
-    sdmerge.apply(unet, "tome", r=0.5)  # the split needs the token grid, known from the UNet call
-    with pytest.raises(RuntimeError, match="outside a UNet call"):
+    sdmerge.apply(unet, "tome", r=0.5)  # the split needs the token grid, recorded by its Transformer2DModel
+    with pytest.raises(RuntimeError, match="token grid is unknown, because down_blocks.0.attentions.0 received no"):
         block(x, encoder_hidden_states=inputs[1])
     forward(unet, *inputs)
-    with pytest.raises(RuntimeError, match="has 100 tokens, not the 16x16 grid of a 16x16 latent"):
+    with pytest.raises(RuntimeError, match="has 100 tokens, not the 16x16 grid down_blocks.0.attentions.0 received"):
         block(x[:, :100], encoder_hidden_states=inputs[1])

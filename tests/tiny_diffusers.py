@@ -21,18 +21,41 @@ SD15_MERGED = (  # the transformer blocks SD-1.5's layout merges by default, as 
 )
 
 
-def sd15_unet(seed: int = 0, sample_size: int = 16) -> UNet2DConditionModel:
-    """SD-1.5's block layout (4 levels, attention at the top three, 2 blocks down / 3 up) at tiny widths."""
+def sd15_unet(seed: int = 0, sample_size: int = 16, **config) -> UNet2DConditionModel:
+    """SD-1.5's block layout (4 levels, attention at the top three, 2 blocks down / 3 up) at tiny
+    widths; ``config`` overrides UNet2DConditionModel arguments (e.g. ``in_channels=9`` for inpainting)."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=sample_size,
-        block_out_channels=(32, 64, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=CONTEXT_DIM,
-        attention_head_dim=4,
-        layers_per_block=2,
-        norm_num_groups=32,
+        **{
+            "sample_size": sample_size,
+            "block_out_channels": (32, 64, 64, 64),
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "cross_attention_dim": CONTEXT_DIM,
+            "attention_head_dim": 4,
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+            **config,
+        }
+    ).eval()
+
+
+def two_level_unet(seed: int = 0, **config) -> UNet2DConditionModel:
+    """The smallest UNet with attention at two levels (one block each way per level): for
+    torch.compile tests, whose tracing time grows with the number of modules."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        **{
+            "sample_size": 8,
+            "block_out_channels": (32, 32),
+            "down_block_types": ("CrossAttnDownBlock2D",) * 2,
+            "up_block_types": ("CrossAttnUpBlock2D",) * 2,
+            "cross_attention_dim": CONTEXT_DIM,
+            "attention_head_dim": 4,
+            "layers_per_block": 1,
+            "norm_num_groups": 32,
+            **config,
+        }
     ).eval()
 
 
@@ -56,10 +79,11 @@ def sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
     ).eval()
 
 
-def unet_inputs(batch: int = 2, size: int = 16, prompt_tokens: int = 7, seed: int = 1):
-    """``(sample [B, 4, size, size], prompt embeddings [B, T, CONTEXT_DIM])``."""
+def unet_inputs(batch: int = 2, size: int | tuple[int, int] = 16, prompt_tokens: int = 7, seed: int = 1):
+    """``(sample [B, 4, H, W], prompt embeddings [B, T, CONTEXT_DIM])``; ``size``: ``H = W`` or ``(H, W)``."""
     generator = torch.Generator().manual_seed(seed)
-    sample = torch.randn(batch, 4, size, size, generator=generator)
+    height, width = (size, size) if isinstance(size, int) else size
+    sample = torch.randn(batch, 4, height, width, generator=generator)
     context = torch.randn(batch, prompt_tokens, CONTEXT_DIM, generator=generator)
     return sample, context
 

@@ -15,6 +15,7 @@ Plans compose (``first.then(second)``), which is how ViT blocks carry sizes and 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -26,11 +27,14 @@ _WEIGHT_FLOOR = 1e-30
 
 
 def check_keep_rate(keep_rate: float) -> float:
-    """Return ``keep_rate`` as a float, or raise ``ValueError`` unless ``0 < keep_rate <= 1``."""
-    try:
-        value = float(keep_rate)
-    except (TypeError, ValueError):
-        raise ValueError(f"keep rate r={keep_rate!r} is not a number; allowed: 0 < r <= 1") from None
+    """Return ``keep_rate`` as a float, or raise ``ValueError`` unless it is a real number
+    (int, float, numpy scalar; not bool, not str) with ``0 < keep_rate <= 1``."""
+    if isinstance(keep_rate, bool) or not isinstance(keep_rate, numbers.Real):
+        raise ValueError(
+            f"keep rate r={keep_rate!r} ({type(keep_rate).__name__}) is not a number; allowed: a real number "
+            "0 < r <= 1 (int or float; a bool or str is not taken as one)"
+        )
+    value = float(keep_rate)
     if not (0.0 < value <= 1.0):
         raise ValueError(f"keep rate r={keep_rate!r} is outside the allowed range 0 < r <= 1")
     return value
