@@ -40,7 +40,7 @@ class _Cached(Generic[Plan]):
 
 @dataclass
 class _Entry(Generic[Plan]):
-    step: int  # the plan step whose slots it holds
+    step: int  # the step it was started at: a plan step, or the first step that asked for the key
     by_slot: dict[int, _Cached[Plan]] = field(default_factory=dict)
     latest: _Cached[Plan] | None = None
 

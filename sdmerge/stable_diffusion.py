@@ -286,7 +286,7 @@ class MergeState:
         self.config = config
         self.method: Method = get_method(config.method, "sd")
         self.randomness = SplitRandomness(config.use_rand, config.seed)
-        self.plans: PlanReuse[tuple[MergePlan, Tensor | None] | None] = PlanReuse(config.plan_every, config.share_plans)
+        self.plans: PlanReuse[tuple[MergePlan, Tensor | None]] = PlanReuse(config.plan_every, config.share_plans)
         self.blocks = [
             MergedBlock(name, block, level, self) for name, block, level in blocks_to_merge(unet, config.max_downsample)
         ]
