@@ -137,7 +137,7 @@ def test_defaults_compute_a_plan_in_every_block_at_every_call_and_equal_the_expl
     method, inputs, spy
 ):
     unet = sd15_unet()
-    timesteps = PNDM[:4]
+    timesteps = PNDM[:3]  # 961 twice: two calls at one timestep each compute their own plans
     explicit = {"plan_every": 1, "share_plans": False}
     outputs = []
     for options in ({}, explicit):
@@ -149,8 +149,8 @@ def test_defaults_compute_a_plan_in_every_block_at_every_call_and_equal_the_expl
     sdmerge.apply(unet, method, r=0.5, max_downsample=2, **method_options(method))
     for t in timesteps:
         forward(unet, *inputs, t)
-    assert spy.computing_calls() == [0, 1, 2, 3]
-    for call in range(4):
+    assert spy.computing_calls() == [0, 1, 2]
+    for call in range(3):
         assert sorted(spy.names(call)) == sorted(LEVEL_0 + LEVEL_1)
         assert len({id(plan) for plan in spy.plans(call)}) == 10  # nothing shared
 
