@@ -140,9 +140,10 @@ class Setting:
 METHODS = ("tome", "atc_average", "cis")
 
 
-def settings(methods=METHODS) -> list[Setting]:
+def settings(methods=METHODS, keep_rates=(0.5, 0.4)) -> list[Setting]:
+    """The arms of the step mode: unpatched, then per keep rate tomesd and every sdmerge method."""
     out = [Setting("unpatched", "none")]
-    for keep_rate in (0.5, 0.4):
+    for keep_rate in keep_rates:
         out.append(Setting(f"tomesd ratio={1 - keep_rate:.1f}", "tomesd", "tome", keep_rate))
         for method in methods:
             out.append(Setting(f"sdmerge {method} r={keep_rate}", "sdmerge", method, keep_rate))
@@ -288,13 +289,21 @@ def make_inputs(unet, side: int, batch: int, dtype, device) -> tuple[torch.Tenso
 
 
 def run_resolution(
-    unet, side: int, repetitions: int, dtype, device, clock=time.perf_counter, methods=METHODS, batch: int | None = None
+    unet,
+    side: int,
+    repetitions: int,
+    dtype,
+    device,
+    clock=time.perf_counter,
+    methods=METHODS,
+    keep_rates=(0.5, 0.4),
+    batch: int | None = None,
 ) -> list[Setting]:
     """Time one UNet call at ``side x side`` pixels for every setting of :func:`settings`,
     interleaved, once per repetition after one untimed unpatched call. ``batch``: the UNet batch
     (default :data:`RESOLUTIONS`). Returns the settings with their times."""
     inputs = make_inputs(unet, side, RESOLUTIONS[side] if batch is None else batch, dtype, device)
-    table = settings(methods)
+    table = settings(methods, keep_rates)
     timer = OverheadTimer(device, clock)
     with torch.no_grad(), timer.installed():
         table[0].patch(unet)

@@ -359,11 +359,13 @@ def test_plan_reuse_needs_the_timestep_only_to_count_steps():
     reuse = PlanReuse(plan_every=1, share_plans=True)
     assert not reuse.counts_steps
     reuse.start_call()  # no timestep needed
-    assert reuse.plan("a", 0, (2, 4), lambda: "first") == "first"
-    assert reuse.plan("b", 0, (2, 4), lambda: "second") == "first"  # same level, same call
-    assert reuse.plan("c", 0, (2, 9), lambda: "third") == "third"  # another shape: computed
+    assert reuse.plan("a", (2, 4), lambda: "first") == "first"
+    assert reuse.plan("b", (2, 4), lambda: "second") == "first"  # same level (token count), same call
+    assert reuse.plan("c", (2, 9), lambda: "third") == "third"  # another level
+    assert reuse.plan("d", (3, 9), lambda: "fourth") == "fourth"  # another batch: computed, kept
+    assert reuse.plan("e", (3, 9), lambda: "fifth") == "fourth"
     reuse.start_call()
-    assert reuse.plan("a", 0, (2, 4), lambda: "fourth") == "fourth"
+    assert reuse.plan("a", (2, 4), lambda: "sixth") == "sixth"
     counting = PlanReuse(plan_every=2)
     assert counting.counts_steps
     with pytest.raises(ValueError, match="needs the call's timestep"):
