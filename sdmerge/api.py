@@ -70,7 +70,7 @@ FAMILIES = (
         "sd",
         "Stable Diffusion (a diffusers UNet2DConditionModel or its pipeline)",
         "docs/stable_diffusion.md",
-        "max_downsample, sx, sy, use_rand, seed",
+        "max_downsample, sx, sy, use_rand, seed, plan_every, share_plans",
     ),
     ("vit", "ViT/DeiT classifiers (transformers, timm)", "docs/vit.md", "stages, tokens_per_block, schedule, prop_attn, cis_score"),
 )

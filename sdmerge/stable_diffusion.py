@@ -44,6 +44,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from .core import check_keep_rate, random_2d_split, tokens_to_remove
 from .core.plan import MergePlan
 from .methods import METHODS, Method, get_method
+from .plan_reuse import PlanReuse
 from .prompt_importance import PromptAttentionMassProcessor, prompt_importance
 
 SUPPORTED = "DiffusionPipeline (with a UNet2DConditionModel), UNet2DConditionModel (torch.compile'd or not)"
@@ -68,6 +69,10 @@ class MergeConfig:
         sx, sy: window of the random 2D split (one destination per ``sy x sx`` window).
         use_rand: random destination in each window (``False``: the top-left one).
         seed: re-seed the split's generator at every UNet call from ``(seed, timestep)``.
+        plan_every: compute new merge plans at every ``plan_every``-th step of a generation
+            and reuse them in between (``sdmerge.plan_reuse``); 1: every call (the papers).
+        share_plans: one plan per resolution level per UNet call, computed by the level's
+            first merged block and used by all of them; False: one per block (the papers).
     ``sx``, ``sy``, ``use_rand`` and ``seed`` belong to the bipartite methods (tome, cis).
     """
 
@@ -78,6 +83,8 @@ class MergeConfig:
     sy: int = 2
     use_rand: bool = True
     seed: int | None = None
+    plan_every: int = 1
+    share_plans: bool = False
 
     def __post_init__(self):
         method = get_method(self.method, "sd")
@@ -96,6 +103,9 @@ class MergeConfig:
             _check_int("seed", self.seed)
         if self.seed is not None and not self.use_rand:
             raise ValueError(f"seed={self.seed} has no effect with use_rand=False (the split is not random)")
+        _check_int("plan_every", self.plan_every, minimum=1)
+        if not isinstance(self.share_plans, bool):
+            raise TypeError(f"share_plans must be True or False, got {self.share_plans!r}")
         if method.needs_split:
             # One destination per full window: the sources are at least N (1 - 1/(sx sy)), and
             # exactly that on grids the windows tile, so this bound is reachable on every grid.
@@ -190,6 +200,8 @@ def apply(
     sy: int = 2,
     use_rand: bool = True,
     seed: int | None = None,
+    plan_every: int = 1,
+    share_plans: bool = False,
     **unknown,
 ):
     """Merge tokens in the self-attention of ``model``'s UNet; returns ``model``.
@@ -200,7 +212,8 @@ def apply(
             ``torch.compile``d (the compiled module's ``_orig_mod`` is patched).
         method: ``tome``, ``atc_single``, ``atc_complete``, ``atc_average``, ``cis`` or ``crucial``.
         r: keep rate; a merged self-attention of ``N`` tokens sees ``N - floor(N (1 - r))``.
-        max_downsample, sx, sy, use_rand, seed: see :class:`MergeConfig`.
+        max_downsample, sx, sy, use_rand, seed, plan_every, share_plans: see :class:`MergeConfig`
+            (the last two: plan reuse, ``sdmerge.plan_reuse``; off by default).
 
     Applying again replaces the previous patch. Processors set on merged layers later
     (attention slicing, fused QKV, ``set_default_attn_processor``) keep merging: sdmerge wraps
@@ -212,7 +225,7 @@ def apply(
         raise TypeError(
             f"unknown option {', '.join(sorted(unknown))} for Stable Diffusion; accepted: {', '.join(OPTIONS)}"
         )
-    config = MergeConfig(method, r, max_downsample, sx, sy, use_rand, seed)
+    config = MergeConfig(method, r, max_downsample, sx, sy, use_rand, seed, plan_every, share_plans)
     unet = find_unet(model)
     remove(unet)
     state = MergeState(unet, config)
@@ -319,13 +332,16 @@ class MergeState:
     """Everything :func:`apply` installs on one UNet, and the state it keeps between calls.
 
     Per UNet call (forward pre-hook): processors set on merged layers since the last call are
-    wrapped (:meth:`wrap_new_processors`); the timestep (for seeding and generation boundaries)
-    is read only when needed, since reading it synchronises with the device. Per merged block:
-    see :class:`MergedBlock`.
+    wrapped (:meth:`wrap_new_processors`); the timestep (for seeding, generation boundaries and
+    counting the steps of ``plan_every > 1``) is read only when one of them needs it, since
+    reading it synchronises with the device. Per merged
+    block: see :class:`MergedBlock`. Which plans are computed and which reused:
+    :class:`~sdmerge.plan_reuse.PlanReuse` (``plans``).
 
-    Generation boundaries (``cis``, ``crucial``): a UNet call starts a new generation when its
-    timestep is larger than the previous call's, or the shape of its ``sample`` differs; the
-    prompt attention mass of the previous call is then forgotten.
+    Generation boundaries (``cis``, ``crucial``, ``plan_every > 1``): a UNet call starts a new
+    generation when its timestep is larger than the previous call's, or the shape of its
+    ``sample`` differs; the prompt attention mass of the previous call is then forgotten, and
+    new plans are computed.
     """
 
     def __init__(self, unet: UNet2DConditionModel, config: MergeConfig):
@@ -333,6 +349,7 @@ class MergeState:
         self.config = config
         self.method: Method = get_method(config.method, "sd")
         self.randomness = SplitRandomness(config.use_rand, config.seed)
+        self.plans: PlanReuse[tuple[MergePlan, Tensor | None]] = PlanReuse(config.plan_every, config.share_plans)
         self.blocks = [
             MergedBlock(name, block, self) for name, block, _ in blocks_to_merge(unet, config.max_downsample)
         ]
@@ -352,7 +369,7 @@ class MergeState:
 
     @property
     def reads_timestep(self) -> bool:
-        return self.method.needs_importance or self.randomness.reseeds
+        return self.method.needs_importance or self.randomness.reseeds or self.plans.counts_steps
 
     def install(self) -> None:
         for block in self.blocks:
@@ -453,11 +470,15 @@ class MergeState:
         self.wrap_new_processors()
         if self.reads_timestep:
             timestep = float(torch.as_tensor(kwargs["timestep"] if "timestep" in kwargs else args[1]).flatten()[0])
-            if self._starts_generation(timestep, sample.shape):
+            starts_generation = self._starts_generation(timestep, sample.shape)
+            if starts_generation:
                 for block in self.blocks:
                     block.cross_attention_mass = None
             self._previous_call = (timestep, sample.shape)
             self.randomness.start_call(timestep)
+            self.plans.start_call(timestep, starts_generation)
+        else:
+            self.plans.start_call()
 
     def _starts_generation(self, timestep: float, shape: torch.Size) -> bool:
         """A call starts a generation when its timestep is larger than the previous call's (the
@@ -559,7 +580,7 @@ class MergedBlock:
 
     def merge_plan(self, attn: Attention, hidden_states: Tensor) -> tuple[MergePlan, Tensor | None] | None:
         """The plan and merge weights for ``hidden_states: [B, N, C]`` (``norm1(x)``), or ``None``
-        when nothing is removed."""
+        when nothing is removed or the token grid holds no window of the split."""
         metric, self.metric = self.metric, None
         if metric is None or metric.shape[:2] != hidden_states.shape[:2]:
             raise RuntimeError(
@@ -568,11 +589,15 @@ class MergedBlock:
             )
         num_tokens = hidden_states.shape[1]
         remove = tokens_to_remove(num_tokens, self.state.config.keep_rate)
-        if remove == 0:
+        if remove == 0 or (self.state.method.needs_split and not self._grid_holds_a_window(num_tokens)):
             return None
+        return self.state.plans.plan(
+            self.name, hidden_states.shape[:2], lambda: self._new_plan(attn, metric, hidden_states, remove)
+        )
+
+    def _new_plan(self, attn: Attention, metric: Tensor, hidden_states: Tensor, remove: int):
+        """Group ``metric: [B, N, C]`` so that ``remove`` tokens go; the plan and merge weights."""
         method = self.state.method
-        if method.needs_split and not self._grid_holds_a_window(num_tokens):
-            return None
         split = self._split(hidden_states.device) if method.needs_split else None
         importance = self._importance(attn, hidden_states) if method.needs_importance else None
         plan = method.plan(metric, remove, importance=importance, split=split)
