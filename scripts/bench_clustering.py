@@ -152,8 +152,9 @@ def main(argv=None) -> int:
                 for method in args.linkages:
                     for row in run_case(tokens, batch, keep, method, args.dim, args.repeats, device, args.path):
                         rows.append(row)
+                        speedup = f"{row['speedup']:.2f}x ({row['speedup_min']:.2f}-{row['speedup_max']:.2f})"
                         print(f"| {tokens} | {batch} | {keep} | {method} | {row['path']} | {row['sdmerge_ms']:.1f} | "
-                              f"{row['authors_ms']:.1f} | {row['speedup']:.2f}x ({row['speedup_min']:.2f}-{row['speedup_max']:.2f}) | "
+                              f"{row['authors_ms']:.1f} | {speedup} | "
                               f"{row['rounds']} | {row['aten_ops']} | {row['host_syncs']} | {row['aten_ops_per_round']:.1f} | "
                               f"{row['host_syncs_per_round']:.2f} | {'yes' if row['same_as_scipy'] else 'NO'} | "
                               f"{'yes' if row['same_as_authors'] else 'no'} |", flush=True)

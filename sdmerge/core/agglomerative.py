@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .device_memory import available_bytes
 from .plan import MergePlan
-from .rnn_rounds import rnn_labels
+from .rnn_rounds import GROUP_TOKENS, rnn_labels
 
 LINKAGES = ("single", "complete", "average")
 PATHS = ("auto", "cpu", "accelerator")
@@ -56,11 +56,14 @@ def resolve_path(path: str, device: torch.device) -> str:
 
 
 def clustering_bytes(batch: int, tokens: int, dtype: torch.dtype) -> int:
-    """Peak bytes of exact clustering: the ``[B, N, N]`` matrix plus the working rows of one
-    round (the rows of both clusters of every pair, at most ``N / 2`` pairs per sample: at
-    most another ``B N N`` entries in all)."""
+    """Peak bytes of exact clustering (an upper bound): the ``[B, N, N]`` matrix, the working rows
+    of a round and their temporaries (the rows of both clusters of every pair: at most ``N / 2``
+    pairs per sample, so at most two more ``B N N`` entries), and the blocks of distances between
+    the pairs of a round (three ``P x P`` blocks, ``P`` at most half of
+    ``max(rnn_rounds.GROUP_TOKENS, N)``)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * batch * tokens * tokens * itemsize
+    pairs = max(GROUP_TOKENS, tokens) // 2
+    return itemsize * (3 * batch * tokens * tokens + 3 * pairs * pairs)
 
 
 def check_memory(batch: int, tokens: int, dtype: torch.dtype, device: torch.device) -> None:

@@ -8,13 +8,14 @@ Input: a symmetric distance matrix ``[B, N, N]`` per batch; output: labels ``[B,
   every pair of reciprocal nearest neighbours is a merge of the greedy dendrogram, and all such
   pairs merge in the same round. Distances to a union follow Lance-Williams, evaluated as scipy
   evaluates them: ``single: min(d_xi, d_xj)``, ``complete: max(d_xi, d_xj)``,
-  ``average: (n_i d_xi + n_j d_xj) / (n_i + n_j)``. Two unions of the same round get their
-  mutual distance from the 2x2 block of old distances by an expression symmetric in the two
-  pairs, so the matrix stays exactly symmetric.
-* Slot ``i`` holds the cluster whose smallest token is ``i``; absorbed slots get +inf rows and
-  columns. Nearest neighbours are exact (smallest distance, then smallest index: ``torch.min``'s
-  first minimum), so the nearest-neighbour graph has no cycle longer than two and every round
-  with two or more clusters left finds a pair.
+  ``average: (n_i d_xi + n_j d_xj) / (n_i + n_j)``. Two unions ``p``, ``q`` of the same round
+  get their distance by Lance-Williams applied twice, as scipy computes it when the pair with
+  the smaller slot merges first; both entries ``(p, q)`` and ``(q, p)`` take that value, so the
+  matrix stays exactly symmetric.
+* Slot ``i`` holds the cluster whose smallest token is ``i``; absorbed slots get +inf columns
+  (and rows, where rows are read). Nearest neighbours are exact (smallest distance, then
+  smallest index: ``torch.min``'s first minimum), so the nearest-neighbour graph has no cycle
+  longer than two and every round with two or more clusters left finds a pair.
 * A round is one fixed sequence of whole-batch tensor operations: the pairs are the slots with
   ``nn[nn[x]] == x`` (``x < nn[x]`` keeps the pair, ``x > nn[x]`` is absorbed), heights, parents
   and rounds are recorded with masks, and one ``nonzero`` (the only host synchronisation a
@@ -24,11 +25,13 @@ Input: a symmetric distance matrix ``[B, N, N]`` per batch; output: labels ``[B,
   ``"dense"``: one ``min`` over the whole matrix, no synchronisation (accelerators);
   ``"touched"``: only rows that can have changed -- the new clusters, rows whose neighbour was
   merged, rows a new cluster ties or undercuts -- listed by a second ``nonzero`` (CPU: ``S x N``
-  work instead of ``N x N``). Rows whose neighbour survives keep it exactly: by reducibility
-  their distance to a union is at least their old nearest distance.
+  work instead of ``N x N``; columns are written from the transposed new rows, row by row).
+  Rows whose neighbour survives keep it exactly: by reducibility their distance to a union is
+  at least their old nearest distance.
 * The linkages are monotone, so the ``k``-cluster cut consists of the ``N - k`` lowest merges,
-  and no future merge is lower than the smallest nearest distance: a sample stops once
-  ``N - k`` recorded merges lie at or below it; the loop ends when no sample merges.
+  and no future merge is lower than the smallest nearest distance: a sample stops (its slots
+  become inactive) once ``N - k`` recorded merges lie at or below it; the loop ends when no
+  sample merges. (Merges after that point could not enter the cut anyway.)
 * The cut: merge ``j`` into ``i`` (``i < j``) records ``parent[j] = i``; keeping the ``N - k``
   lowest merges (height, then round) and following parents (pointer jumping) labels every token
   with the smallest token of its cluster.
@@ -42,10 +45,10 @@ import torch
 from torch import Tensor
 
 NEIGHBOUR_REFRESH = ("dense", "touched")
-_INF = math.inf
-
-
 ROUND_RANGE = "sdmerge.cluster.round"  # profiler range around each merge round
+GROUP_TOKENS = 8192  # "dense": samples clustered together hold at most this many tokens in all
+_BLOCK_PAIRS = 256  # "touched": pairs per block of same-round distances (whole samples)
+_INF = math.inf
 
 
 @torch.no_grad()
@@ -56,7 +59,14 @@ def rnn_labels(distances: Tensor, k: int, linkage: str, neighbours: str) -> tupl
     complete, average; ``neighbours`` one of :data:`NEIGHBOUR_REFRESH`. Each round (and the
     final check that finds no pair) runs inside a ``torch.profiler.record_function`` range
     named :data:`ROUND_RANGE`, so profiles can tell the rounds from the fixed work of a call.
+    ``"dense"`` clusters large batches in groups of samples (:data:`GROUP_TOKENS`); the rounds
+    returned are then those of all groups.
     """
+    B, N, _ = distances.shape
+    group = max(1, GROUP_TOKENS // N) if neighbours == "dense" else B
+    if B > group:  # bounds the [P, P] blocks of same-round distances (P pairs of all the group)
+        parts = [rnn_labels(distances[start : start + group], k, linkage, neighbours) for start in range(0, B, group)]
+        return torch.cat([labels for labels, _ in parts]), sum(rounds for _, rounds in parts)
     state = _RNNClustering(distances, linkage, neighbours)
     need = state.N - k
     while True:
@@ -91,7 +101,8 @@ class _RNNClustering:
         self.round = torch.zeros(B, N, dtype=torch.int64, device=device)
         self.parent = self.positions.expand(B, N).clone()
         self.inf = torch.full((), _INF, dtype=dtype, device=device)
-        self.one, self.zero = torch.ones((), dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64, device=device)
+        self.one = torch.ones((), dtype=torch.int64, device=device)
+        self.zero = torch.zeros((), dtype=torch.int64, device=device)
         self.low_merges = torch.empty(B, N, dtype=torch.int64, device=device)
         self.rounds = 0
 
@@ -141,19 +152,15 @@ class _RNNClustering:
             total = sizes.sum(dim=0)  # [P, 1]
             self.size.index_copy_(0, flat_i, total.view(P))
         _lance_williams(stacked, 0, self.linkage, sizes, total, out=new)
-        # Unions of the same sample: d(p, q) from p's new row at columns i_q, j_q (Lance-Williams
-        # again, as scipy computes it when p merges first); the pair with the smaller slot is
-        # taken as first, so the matrix stays exactly symmetric.
-        cross = new.index_select(1, ij).view(P, 2, P)
-        i_column, i_row = i.view(P, 1), i.view(1, P)
-        if self.linkage == "average":
-            block = _lance_williams(cross, 1, self.linkage, sizes.view(1, 2, P), total.view(1, P))
-            block = torch.where(i_column < i_row, block, block.transpose(0, 1))
-        else:  # min and max are symmetric already
-            block = _lance_williams(cross, 1, self.linkage)
-        # Pairs of other samples (and p itself) write onto p's own diagonal entry, reset below.
-        same_sample = b.view(P, 1) == b.view(1, P)
-        new.scatter_(1, torch.where(same_sample, i_row, i_column), block)
+        if self.neighbours == "dense":
+            _same_round_distances_(new, i, j, b, sizes, total, self.linkage)
+        else:  # whole samples at a time (host counts), so that each block stays small
+            for start, stop in _sample_groups(kept.sum(dim=-1).tolist()):
+                _same_round_distances_(
+                    new[start:stop], i[start:stop], j[start:stop], b[start:stop],
+                    None if sizes is None else sizes[:, start:stop], None if total is None else total[start:stop],
+                    self.linkage,
+                )
         # ``new`` is now exact at every active column but the union's own (reset with the diagonal).
         if self.neighbours == "dense":
             self._write_dense(b, ij, flat_ij, flat_j, pair_rows, stacked[1])
@@ -161,7 +168,9 @@ class _RNNClustering:
             self._write_touched(b, i, j, flat_i, new, kept, absorbed)
         self.active ^= absorbed  # absorbed slots are active: exclusive or clears them
 
-    def _write_dense(self, b: Tensor, ij: Tensor, flat_ij: Tensor, flat_j: Tensor, pair_rows: Tensor, gone: Tensor) -> None:
+    def _write_dense(
+        self, b: Tensor, ij: Tensor, flat_ij: Tensor, flat_j: Tensor, pair_rows: Tensor, gone: Tensor
+    ) -> None:
         """Few operations: rows i and j (+inf), then columns i and j (which overwrite the rows'
         stale entries at columns j), then rows j again (columns i wrote stale entries there),
         the diagonal; nearest neighbours by one ``min`` over the whole matrix."""
@@ -210,6 +219,43 @@ class _RNNClustering:
             pointer = pointer.gather(1, pointer)
         first_token = torch.where(pointer == self.positions, self.one, self.zero)
         return (first_token.cumsum(dim=-1) - 1).gather(1, pointer)
+
+
+def _same_round_distances_(
+    new: Tensor, i: Tensor, j: Tensor, b: Tensor, sizes: Tensor | None, total: Tensor | None, linkage: str
+) -> None:
+    """Write into the unions' rows ``new [P, N]`` their distances to the other unions of the same
+    sample and round: ``d(p, q)`` by Lance-Williams over ``p``'s new row at columns ``i_q, j_q``
+    (as scipy computes it when ``p`` merges first), taken from the pair with the smaller slot
+    for both ``(p, q)`` and ``(q, p)``, so the matrix stays exactly symmetric.
+
+    ``i, j, b: [P]`` the pairs (sorted by sample), ``sizes [2, P, 1]`` and ``total [P, 1]`` their
+    clusters' sizes (average linkage). Works on a ``[P, P]`` block: pairs of other samples (and
+    ``p`` itself) write onto ``p``'s own column ``i_p``, a diagonal entry reset afterwards.
+    """
+    P = new.shape[0]
+    cross = new.index_select(1, torch.cat((i, j))).view(P, 2, P)
+    i_column, i_row = i.view(P, 1), i.view(1, P)
+    if linkage == "average":
+        block = _lance_williams(cross, 1, linkage, sizes.reshape(1, 2, P), total.view(1, P))
+        block = torch.where(i_column < i_row, block, block.transpose(0, 1))
+    else:  # min and max are symmetric already
+        block = _lance_williams(cross, 1, linkage)
+    same_sample = b.view(P, 1) == b.view(1, P)
+    new.scatter_(1, torch.where(same_sample, i_row, i_column), block)
+
+
+def _sample_groups(pairs_per_sample: list[int]) -> list[tuple[int, int]]:
+    """Ranges of consecutive pairs covering whole samples, about :data:`_BLOCK_PAIRS` pairs each."""
+    groups, start, stop = [], 0, 0
+    for count in pairs_per_sample:
+        if stop > start and stop - start + count > _BLOCK_PAIRS:
+            groups.append((start, stop))
+            start = stop
+        stop += count
+    if stop > start:
+        groups.append((start, stop))
+    return groups
 
 
 def _lance_williams(
