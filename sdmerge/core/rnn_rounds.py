@@ -69,7 +69,7 @@ def rnn_labels(distances: Tensor, k: int, linkage: str, neighbours: str) -> tupl
         return torch.cat([labels for labels, _ in parts]), sum(rounds for _, rounds in parts)
     state = _RNNClustering(distances, linkage, neighbours)
     need = state.N - k
-    while True:
+    while need > 0:
         with torch.profiler.record_function(ROUND_RANGE):
             if not state.merge_round(need):
                 break
