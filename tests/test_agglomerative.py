@@ -63,7 +63,15 @@ def test_1024_tokens_match_scipy(method, path):
 def test_4096_tokens_match_scipy(method, path):
     """Stable Diffusion's token count at 512x512 (SD-1.5 top level), batch 2."""
     metric = clustered_metric(batch=2, tokens=4096, dim=32, centers=64, seed=4)
-    assert_matches_scipy(metric, int(4096 * 0.4), method)
+    k = int(4096 * 0.4)
+    if method not in _REFERENCE_4096:  # scipy's partition, computed once for both paths
+        _REFERENCE_4096[method] = scipy_partition(metric, k, method)
+    labels = cluster(metric, k, method)
+    for got, want in zip(labels, _REFERENCE_4096[method]):
+        np.testing.assert_array_equal(canonical(got), want)
+
+
+_REFERENCE_4096: dict = {}
 
 
 def test_float16_metric_clusters_like_its_float32_copy(path):
@@ -132,15 +140,15 @@ def test_bad_requests_raise_clear_errors():
 
 
 def test_both_paths_give_the_same_labels_and_rounds_on_any_device():
-    metric = clustered_metric(batch=2, tokens=257, dim=16, centers=9, seed=9)
+    metric = clustered_metric(batch=2, tokens=130, dim=16, centers=9, seed=9)
     for method in LINKAGES:
         (cpu, cpu_rounds), (accelerator, accelerator_rounds) = (
-            cluster_with_rounds(metric, 90, method, path=path) for path in PATHS
+            cluster_with_rounds(metric, 45, method, path=path) for path in PATHS
         )
         assert torch.equal(cpu, accelerator) and cpu_rounds == accelerator_rounds
-        assert torch.equal(cluster(metric, 90, method, path="auto"), cpu)  # CPU tensors: "cpu"
+        assert torch.equal(cluster(metric, 45, method, path="auto"), cpu)  # CPU tensors: "cpu"
         for path in PATHS:  # from a distance matrix
-            labels = agglomerative_labels(cosine_distances(metric), 90, method, path=path)
+            labels = agglomerative_labels(cosine_distances(metric), 45, method, path=path)
             assert torch.equal(labels, cpu)
 
 

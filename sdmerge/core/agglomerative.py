@@ -86,8 +86,10 @@ def cosine_distances(metric: Tensor, dtype: torch.dtype = torch.float64) -> Tens
     """Cosine distances ``1 - cos(m_i, m_j)``: ``[B, N, D] -> [B, N, N]``, zero diagonal, no gradient.
 
     The products are computed in float32 (float64 if ``metric`` is float64), then stored as
-    ``dtype``. The matrix is exactly symmetric: only the upper triangle is computed (by blocks
-    of rows) and mirrored. This is the matrix whose scipy clustering :func:`cluster` reproduces.
+    ``dtype``. The matrix is exactly symmetric: only the upper triangle is computed, by blocks of
+    rows (each block's square part made symmetric by the smaller of its two products, whatever
+    the matrix library's summation order), and mirrored. This is the matrix whose scipy
+    clustering :func:`cluster` reproduces, on every path.
     """
     B, N, _ = metric.shape
     compute = torch.float64 if metric.dtype == torch.float64 else torch.float32
@@ -100,6 +102,8 @@ def cosine_distances(metric: Tensor, dtype: torch.dtype = torch.float64) -> Tens
         stop = min(N, start + block)
         part = buffer[: B * (stop - start) * (N - start)].view(B, stop - start, N - start)
         torch.baddbmm(one, unit[:, start:stop], unit[:, start:].transpose(-1, -2), alpha=-1, out=part)
+        square = part[:, :, : stop - start]
+        square.copy_(torch.minimum(square, square.transpose(-1, -2)))
         out[:, start:stop, start:].copy_(part)
         out[:, start:, start:stop].copy_(part.transpose(-1, -2))
     out.diagonal(dim1=-2, dim2=-1).zero_()

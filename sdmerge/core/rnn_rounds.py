@@ -143,7 +143,8 @@ class _RNNClustering:
         j = self.nn.take(flat_i)
         flat_j = flat_i - i + j
         flat_ij, ij = torch.cat((flat_i, flat_j)), torch.cat((i, j))
-        pair_rows = self.rows[flat_ij]  # [2P, N]: rows i, then rows j
+        # [2P, N]: rows i, then rows j (indexing: fewer operations; index_select: faster on CPUs)
+        pair_rows = self.rows[flat_ij] if self.neighbours == "dense" else self.rows.index_select(0, flat_ij)
         stacked = pair_rows.view(2, P, N)
         new = stacked[0]
         sizes = total = None
