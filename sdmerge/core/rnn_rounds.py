@@ -48,6 +48,7 @@ NEIGHBOUR_REFRESH = ("dense", "touched")
 ROUND_RANGE = "sdmerge.cluster.round"  # profiler range around each merge round
 GROUP_TOKENS = 8192  # "dense": samples clustered together hold at most this many tokens in all
 _BLOCK_PAIRS = 256  # "touched": pairs per block of same-round distances (whole samples)
+_CHUNK_ELEMENTS = 1 << 18  # "touched": distances per chunk of rows refreshed at a time
 _INF = math.inf
 
 
@@ -152,7 +153,10 @@ class _RNNClustering:
             sizes = self.size.take(flat_ij).view(2, P, 1)
             total = sizes.sum(dim=0)  # [P, 1]
             self.size.index_copy_(0, flat_i, total.view(P))
-        _lance_williams(stacked, 0, self.linkage, sizes, total, out=new)
+        if self.neighbours == "touched" and self.linkage == "average":  # the same numbers, in place
+            new.mul_(sizes[0]).add_(stacked[1].mul_(sizes[1])).div_(total)
+        else:  # fewer operations
+            _lance_williams(stacked, 0, self.linkage, sizes, total, out=new)
         if self.neighbours == "dense":
             _same_round_distances_(new, i, j, b, sizes, total, self.linkage)
         else:  # whole samples at a time (host counts), so that each block stays small
@@ -204,9 +208,12 @@ class _RNNClustering:
         stale &= self.active & ~absorbed
         self.nn_dist.masked_fill_(absorbed, _INF)
         flat = stale.view(-1).nonzero().view(-1)  # host synchronisation: the rows to refresh
-        value, index = self.rows.index_select(0, flat).min(dim=-1)
-        self.nn_dist.view(-1).index_copy_(0, flat, value)
-        self.nn.view(-1).index_copy_(0, flat, index)
+        chunk = max(1, _CHUNK_ELEMENTS // N)  # rows gathered at a time stay in the CPU's caches
+        for start in range(0, flat.numel(), chunk):
+            rows = flat[start : start + chunk]
+            value, index = self.rows.index_select(0, rows).min(dim=-1)
+            self.nn_dist.view(-1).index_copy_(0, rows, value)
+            self.nn.view(-1).index_copy_(0, rows, index)
 
     def cut(self, need: int) -> Tensor:
         """Labels ``[B, N]`` after the ``need`` lowest merges (by height, then round)."""
