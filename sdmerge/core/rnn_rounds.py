@@ -160,7 +160,8 @@ class _RNNClustering:
         if self.neighbours == "dense":
             _same_round_distances_(new, i, j, b, sizes, total, self.linkage)
         else:  # whole samples at a time (host counts), so that each block stays small
-            for start, stop in _sample_groups(kept.sum(dim=-1).tolist()):
+            counts = kept.sum(dim=-1).tolist()
+            for start, stop in _sample_groups(counts):
                 _same_round_distances_(
                     new[start:stop], i[start:stop], j[start:stop], b[start:stop],
                     None if sizes is None else sizes[:, start:stop], None if total is None else total[start:stop],
@@ -170,7 +171,7 @@ class _RNNClustering:
         if self.neighbours == "dense":
             self._write_dense(b, ij, flat_ij, flat_j, pair_rows, stacked[1])
         else:
-            self._write_touched(b, i, j, flat_i, new, kept, absorbed)
+            self._refresh_touched(self._write_touched(counts, i, j, flat_i, new), kept, absorbed)
         self.active ^= absorbed  # absorbed slots are active: exclusive or clears them
 
     def _write_dense(
@@ -187,28 +188,37 @@ class _RNNClustering:
         torch.min(self.D, dim=-1, keepdim=True, out=(self.nn_dist3, self.nn3))
 
     def _write_touched(
-        self, b: Tensor, i: Tensor, j: Tensor, flat_i: Tensor, new: Tensor, kept: Tensor, absorbed: Tensor
-    ) -> None:
-        """Little memory traffic: rows i; columns i from the transposed rows (each matrix row is
-        written at a few columns, not each column down all rows); columns j +inf (rows j are
-        never read again); then only the rows whose nearest neighbour can have changed: the
-        unions, rows whose neighbour was merged, rows a union ties or undercuts."""
-        N, P = self.N, new.shape[0]
+        self, counts: list[int], i: Tensor, j: Tensor, flat_i: Tensor, new: Tensor
+    ) -> Tensor:
+        """Little memory traffic: rows i; then, sample by sample (``counts`` pairs each), columns i
+        from the transposed rows (each matrix row is written at a few columns, not each column
+        down all rows) and columns j +inf (rows j are never read again). Returns, per slot
+        ``[B, N]``, the smallest distance to a union of its sample (the unions' own entries are
+        stale, but the unions are refreshed anyway)."""
+        N = self.N
         self.rows.index_copy_(0, flat_i, new)
-        by_row = new.t().contiguous()  # [N, P]
-        where = (b.view(1, P), self.positions.view(N, 1))
-        self.D.index_put_((*where, i.view(1, P)), by_row)
-        self.D.index_put_((*where, j.view(1, P)), self.inf)
+        undercut = torch.full((self.B, N), _INF, dtype=new.dtype, device=new.device)
+        start = 0
+        for sample, count in enumerate(counts):
+            if count == 0:
+                continue
+            stop = start + count
+            by_row = new[start:stop].t().contiguous()  # [N, count]
+            self.D[sample].scatter_(1, i[start:stop].view(1, count).expand(N, count), by_row)
+            self.D[sample].scatter_(1, j[start:stop].view(1, count).expand(N, count), _INF)
+            torch.amin(by_row, dim=1, out=undercut[sample])
+            start = stop
         self.diagonal.fill_(_INF)
-        # Per slot, the smallest distance to a union of its sample (the unions' own entries are
-        # stale, but the unions are refreshed anyway).
-        undercut = torch.full((N, self.B), _INF, dtype=new.dtype, device=new.device)
-        undercut = undercut.scatter_reduce_(1, b.view(1, P).expand(N, P), by_row, "amin").t()
+        return undercut
+
+    def _refresh_touched(self, undercut: Tensor, kept: Tensor, absorbed: Tensor) -> None:
+        """Nearest neighbours of only the rows whose neighbour can have changed: the unions, rows
+        whose neighbour was merged, rows a union ties or undercuts."""
         stale = (kept | absorbed).gather(1, self.nn) | (undercut <= self.nn_dist) | kept
         stale &= self.active & ~absorbed
         self.nn_dist.masked_fill_(absorbed, _INF)
         flat = stale.view(-1).nonzero().view(-1)  # host synchronisation: the rows to refresh
-        chunk = max(1, _CHUNK_ELEMENTS // N)  # rows gathered at a time stay in the CPU's caches
+        chunk = max(1, _CHUNK_ELEMENTS // self.N)  # rows gathered at a time stay in the CPU's caches
         for start in range(0, flat.numel(), chunk):
             rows = flat[start : start + chunk]
             value, index = self.rows.index_select(0, rows).min(dim=-1)
