@@ -39,10 +39,10 @@ SETTINGS = ({"tokens_per_block": 13}, {"r": 0.7}, {"r": 0.5})
 VIT_METHODS = [name for name, method in METHODS.items() if "vit" in method.models]
 
 
-def build(name: str, attn_implementation: str) -> ViTForImageClassification:
+def build(name: str, attn_implementation: str, num_hidden_layers: int = 12) -> ViTForImageClassification:
     torch.manual_seed(0)
     config = ViTConfig(
-        **MODELS[name], num_hidden_layers=12, image_size=224, patch_size=16, num_labels=1000,
+        **MODELS[name], num_hidden_layers=num_hidden_layers, image_size=224, patch_size=16, num_labels=1000,
         attn_implementation=attn_implementation,
     )
     return ViTForImageClassification(config).eval()
@@ -50,7 +50,9 @@ def build(name: str, attn_implementation: str) -> ViTForImageClassification:
 
 def benchmark(model, variants: list[Variant], batch_size: int, repetitions: int, clock: str) -> list[list[float]]:
     """Seconds per batch ``[variant][repetition]``, interleaved, after one warm-up call each."""
+    parameter = next(model.parameters())
     pixel_values = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
     times = [[] for _ in variants]
     with torch.inference_mode():
         for variant in variants:
