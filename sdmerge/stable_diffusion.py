@@ -389,6 +389,8 @@ class MergedBlock:
     ``metric``: the block input ``x`` ``[B, N, C]``, captured by a forward pre-hook and consumed
     by ``attn1``. ``cross_attention_mass``: ``p`` ``[B, N]`` written by ``attn2``; ``attn1`` runs
     before ``attn2`` in a block, so ``attn1`` reads the value of the previous UNet call.
+    ``observer``: ``None``, or a function called with ``(block, plan)`` for every plan made
+    (set by :func:`sdmerge.plan_recording.record_plans`).
     """
 
     def __init__(self, name: str, module: BasicTransformerBlock, level: int, state: MergeState):
@@ -398,6 +400,7 @@ class MergedBlock:
         self.state = state
         self.metric: Tensor | None = None
         self.cross_attention_mass: Tensor | None = None
+        self.observer = None
 
     def capture_metric(self, module, args, kwargs) -> None:
         self.metric = args[0] if args else kwargs["hidden_states"]
@@ -422,6 +425,8 @@ class MergedBlock:
         split = self._split(num_tokens, hidden_states.device) if method.needs_split else None
         importance = self._importance(attn, hidden_states) if method.needs_importance else None
         plan = method.plan(metric, remove, importance=importance, split=split)
+        if self.observer is not None:
+            self.observer(self, plan)
         return plan, method.weights(None, importance)
 
     def _split(self, num_tokens: int, device: torch.device) -> tuple[Tensor, Tensor]:
