@@ -101,9 +101,9 @@ class Setting:
 METHODS = ("tome", "atc_average", "cis")
 
 
-def settings(methods=METHODS) -> list[Setting]:
+def settings(methods=METHODS, keep_rates=(0.5, 0.4)) -> list[Setting]:
     out = [Setting("unpatched", "none")]
-    for keep_rate in (0.5, 0.4):
+    for keep_rate in keep_rates:
         out.append(Setting(f"tomesd ratio={1 - keep_rate:.1f}", "tomesd", "tome", keep_rate))
         for method in methods:
             out.append(Setting(f"sdmerge {method} r={keep_rate}", "sdmerge", method, keep_rate))
@@ -205,15 +205,17 @@ def time_step(unet, setting: Setting, inputs, device: torch.device, timer: Overh
 
 
 def run_resolution(
-    unet, side: int, repetitions: int, dtype, device, clock=time.perf_counter, methods=METHODS
+    unet, side: int, repetitions: int, dtype, device, clock=time.perf_counter, methods=METHODS,
+    keep_rates=(0.5, 0.4), batch: int | None = None,
 ) -> list[Setting]:
-    batch = RESOLUTIONS[side]
+    """Time every setting at ``side`` x ``side`` (batch: ``RESOLUTIONS[side]`` unless given)."""
+    batch = RESOLUTIONS[side] if batch is None else batch
     generator = torch.Generator().manual_seed(side)
     latent = side // 8
     sample = torch.randn(batch, 4, latent, latent, generator=generator).to(device=device, dtype=dtype)
     context = torch.randn(batch, PROMPT_TOKENS, unet.config.cross_attention_dim, generator=generator)
     inputs = (sample, context.to(device=device, dtype=dtype))
-    table = settings(methods)
+    table = settings(methods, keep_rates)
     timer = OverheadTimer(device, clock)
     with torch.no_grad(), timer.installed():
         table[0].patch(unet)

@@ -52,7 +52,7 @@ def _image_tensor(image) -> tuple[Tensor, str]:
     if array.ndim != 3 or array.shape[2] not in (3, 4):
         raise ValueError(f"an image array must be [H, W, 3] (or RGBA), got shape {array.shape}")
     scale = 255.0 if array.dtype == np.uint8 else 1.0
-    return torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).float() / scale, "array"
+    return torch.tensor(array[..., :3], dtype=torch.float32).permute(2, 0, 1) / scale, "array"
 
 
 def paint_groups(
