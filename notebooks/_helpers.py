@@ -192,10 +192,10 @@ def plot_clustering(rows):
 # --- ViT / DeiT throughput (bench_vit) ------------------------------------------------------------
 
 
-def vit_rows(model_name: str, methods, settings, batch_size: int, repetitions: int) -> list[dict]:
-    """Images per second of ``bench_vit.build(model_name)`` (random weights) for the unpatched
+def vit_rows(model_name: str, methods, settings, batch_size: int, repetitions: int, device) -> list[dict]:
+    """Images per second of ``bench_vit.build(model_name)`` (random weights, float32) for the unpatched
     model and every method at every setting (``{"r": ...}`` or ``{"tokens_per_block": ...}``)."""
-    model = bench_vit.build(model_name, "sdpa")
+    model = bench_vit.build(model_name, "sdpa").to(device)
     variants = [Variant(None)] + [Variant(m, s) for m in methods for s in settings]
     times = bench_vit.benchmark(model, variants, batch_size, repetitions, "wall")
     rows, base = [], statistics.median(times[0])
@@ -228,7 +228,8 @@ def photograph(side: int) -> np.ndarray:
 def vit_groups(model, image: np.ndarray, methods, keep_rates, block: int) -> dict:
     """``{(method, r): painted [H, W, 3]}``: the groups after ``block`` of ``model`` (stage
     protocol at keep rate ``r``), painted on ``image`` (a ``[224, 224, 3]`` uint8 array)."""
-    pixels = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 127.5 - 1  # ViT's [-1, 1] normalisation
+    pixels = torch.tensor(image).permute(2, 0, 1).float()[None] / 127.5 - 1  # ViT's [-1, 1] normalisation
+    pixels = pixels.to(next(model.parameters()).device)
     grid = model.config.image_size // model.config.patch_size
     pictures = {}
     for method in methods:

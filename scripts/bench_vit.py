@@ -51,6 +51,7 @@ def build(name: str, attn_implementation: str) -> ViTForImageClassification:
 def benchmark(model, variants: list[Variant], batch_size: int, repetitions: int, clock: str) -> list[list[float]]:
     """Seconds per batch ``[variant][repetition]``, interleaved, after one warm-up call each."""
     pixel_values = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    pixel_values = pixel_values.to(next(model.parameters()).device)
     times = [[] for _ in variants]
     with torch.inference_mode():
         for variant in variants:
