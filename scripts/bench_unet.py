@@ -1,4 +1,5 @@
-"""Benchmark: one UNet step of SD-1.5, unpatched vs tomesd vs sdmerge.
+"""Benchmark: one UNet step, or the first UNet calls of a generation, of SD-1.5: unpatched vs
+tomesd vs sdmerge.
 
 One UNet call (one denoising step) at 512x512 (64x64 latent, batch 2: the doubled batch of
 classifier-free guidance) and 1024x1024 (128x128 latent, batch 1), with the UNet's default
@@ -30,6 +31,23 @@ same numbers of tokens), so for ``tome`` the table also gives the ratio of this 
 sdmerge over tomesd (median of the per-repetition ratios): unlike whole steps, it is not
 drowned by the machine's noise.
 
+Generation mode (``--mode generation``): ``--calls`` consecutive UNet calls (default 5) at the
+timesteps of SD-1.5's default scheduler (PNDM with SD-1.5's scheduler config, 50 steps: 981,
+961, 961, 941, 921, ...), each call's sample the scheduler's step from the previous output, as in
+a pipeline. Arms (:func:`generation_settings`): unpatched, tomesd ratio 0.6, sdmerge ``tome``
+r=0.4, ``atc_average`` r=0.4, and ``atc_average`` r=0.4 with plan reuse (``share_plans``,
+``plan_every=5``, both). Each repetition runs every arm's generation once, in turn, after one
+untimed unpatched call. The table gives the median seconds per generation, and the ratios to
+the unpatched UNet and to tomesd as medians of the per-repetition ratios (paired: measured in
+the same repetition) with their range, the plan share, and the plans computed per generation
+(sdmerge: ``MergedBlock`` plan computations; tomesd: ``compute_merge`` calls that merge).
+
+Importable (``scripts/`` on ``sys.path``, ``import bench_unet``); stable names: :func:`load_unet`,
+:func:`settings` / :func:`run_resolution` / :func:`markdown` (step mode),
+:func:`generation_settings` / :func:`pndm_timesteps` / :func:`time_generation` /
+:func:`run_generation` / :func:`generation_markdown` (generation mode), :class:`Setting`,
+:class:`OverheadTimer`.
+
 Weights: random, from SD-1.5's UNet config (no download), unless ``--unet`` names a local
 diffusers UNet directory or a pipeline directory (loaded with ``from_pretrained``).
 
@@ -38,6 +56,7 @@ diffusers UNet directory or a pipeline directory (loaded with ``from_pretrained`
     python scripts/bench_unet.py --resolutions 1024 --repetitions 1 --threads 1 --clock cpu
     python scripts/bench_unet.py --methods tome --repetitions 7 --threads 1 --clock cpu
     python scripts/bench_unet.py --device cuda --dtype float16
+    python scripts/bench_unet.py --mode generation --resolutions 512 --repetitions 2 --threads 1 --clock cpu
 """
 
 from __future__ import annotations
@@ -54,7 +73,7 @@ import tomesd
 import tomesd.merge
 import tomesd.patch
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import PNDMScheduler, UNet2DConditionModel
 
 import sdmerge
 import sdmerge.prompt_importance
@@ -73,6 +92,16 @@ SD15_UNET_CONFIG = dict(  # runwayml/stable-diffusion-v1-5, unet/config.json
     attention_head_dim=8,
     norm_num_groups=32,
 )
+SD15_SCHEDULER_CONFIG = dict(  # runwayml/stable-diffusion-v1-5, scheduler/scheduler_config.json
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    skip_prk_steps=True,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+INFERENCE_STEPS = 50  # the pipeline's default num_inference_steps
 RESOLUTIONS = {512: 2, 1024: 1}  # image side -> UNet batch
 PROMPT_TOKENS = 77
 
@@ -85,9 +114,11 @@ class Setting:
     library: str  # "none" | "tomesd" | "sdmerge"
     method: str | None = None
     keep_rate: float | None = None
+    options: dict = field(default_factory=dict)  # further sdmerge.apply options (plan_every, share_plans)
     times: list[float] = field(default_factory=list)
     plan_times: list[float] = field(default_factory=list)
     merging_times: list[float] = field(default_factory=list)
+    plans: list[int] = field(default_factory=list)  # plan computations per timed run
 
     def patch(self, unet: UNet2DConditionModel) -> None:
         tomesd.remove_patch(unet)
@@ -95,7 +126,14 @@ class Setting:
         if self.library == "tomesd":
             tomesd.apply_patch(unet, ratio=round(1 - self.keep_rate, 6))
         elif self.library == "sdmerge":
-            sdmerge.apply(unet, self.method, r=self.keep_rate)
+            sdmerge.apply(unet, self.method, r=self.keep_rate, **self.options)
+
+    def record(self, seconds: float, timer: OverheadTimer) -> None:
+        """Keep one timed run: its seconds and what ``timer`` measured during it."""
+        self.times.append(seconds)
+        self.plan_times.append(timer.seconds["plan"])
+        self.merging_times.append(timer.seconds["merging"])
+        self.plans.append(timer.plans)
 
 
 METHODS = ("tome", "atc_average", "cis")
@@ -107,6 +145,31 @@ def settings(methods=METHODS, keep_rates=(0.5, 0.4)) -> list[Setting]:
         out.append(Setting(f"tomesd ratio={1 - keep_rate:.1f}", "tomesd", "tome", keep_rate))
         for method in methods:
             out.append(Setting(f"sdmerge {method} r={keep_rate}", "sdmerge", method, keep_rate))
+    return out
+
+
+REUSE_VARIANTS = (
+    ("share_plans", {"share_plans": True}),
+    ("plan_every=5", {"plan_every": 5}),
+    ("share_plans, plan_every=5", {"share_plans": True, "plan_every": 5}),
+)
+
+
+def generation_settings(
+    keep_rate: float = 0.4, reuse_methods=("atc_average",), reuse_variants=REUSE_VARIANTS
+) -> list[Setting]:
+    """The arms of the generation mode: unpatched, tomesd at ``ratio = 1 - keep_rate``, sdmerge
+    ``tome`` and every method of ``reuse_methods`` at ``keep_rate``, then each of those methods
+    with every ``(label, sdmerge.apply options)`` of ``reuse_variants``."""
+    out = [
+        Setting("unpatched", "none"),
+        Setting(f"tomesd ratio={1 - keep_rate:.1f}", "tomesd", "tome", keep_rate),
+        Setting(f"sdmerge tome r={keep_rate}", "sdmerge", "tome", keep_rate),
+    ]
+    out += [Setting(f"sdmerge {m} r={keep_rate}", "sdmerge", m, keep_rate) for m in reuse_methods if m != "tome"]
+    for method in reuse_methods:
+        for label, options in reuse_variants:
+            out.append(Setting(f"sdmerge {method} r={keep_rate}, {label}", "sdmerge", method, keep_rate, dict(options)))
     return out
 
 
@@ -124,6 +187,14 @@ class OverheadTimer:
 
     def reset(self) -> None:
         self.seconds = {"plan": 0.0, "merging": 0.0}
+        self.plans = 0  # plan computations (sdmerge MergedBlock._new_plan, tomesd compute_merge that merges)
+
+    def _counted(self, function):
+        def wrapper(*args, **kwargs):
+            self.plans += 1
+            return function(*args, **kwargs)
+
+        return wrapper
 
     def _timed(self, function, kind: str):
         def wrapper(*args, **kwargs):
@@ -143,6 +214,7 @@ class OverheadTimer:
 
         def wrapper(*args, **kwargs):
             functions = timed(*args, **kwargs)
+            self.plans += functions[0] is not tomesd.merge.do_nothing  # blocks it does not merge get do_nothing
             return tuple(f if f is tomesd.merge.do_nothing else self._timed(f, "merging") for f in functions)
 
         return wrapper
@@ -151,6 +223,7 @@ class OverheadTimer:
     def installed(self):
         targets = [
             (MergedBlock, "merge_plan", lambda f: self._timed(f, "plan")),
+            (MergedBlock, "_new_plan", self._counted),
             (sdmerge.prompt_importance, "prompt_attention_mass", lambda f: self._timed(f, "plan")),
             (MergePlan, "merge", lambda f: self._timed(f, "merging")),
             (MergePlan, "unmerge", lambda f: self._timed(f, "merging")),
@@ -224,22 +297,22 @@ def run_resolution(
             for setting in table:
                 setting.patch(unet)
                 seconds = time_step(unet, setting, inputs, device, timer)
-                setting.times.append(seconds)
-                setting.plan_times.append(timer.seconds["plan"])
-                setting.merging_times.append(timer.seconds["merging"])
+                setting.record(seconds, timer)
                 print(f"  {side}px rep {repetition} {setting.label:<26} {seconds:8.3f} s", flush=True)
     tomesd.remove_patch(unet)
     sdmerge.remove(unet)
     return table
 
 
+def paired_ratio(ours: list[float], theirs: list[float]) -> str:
+    """``median (min-max)`` of the per-repetition ratios ``ours[i] / theirs[i]``."""
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+    return f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+
+
 def markdown(side: int, table: list[Setting], clock: str) -> str:
     base = statistics.median(table[0].times)
     tomesd_runs = {s.keep_rate: s for s in table if s.library == "tomesd"}
-
-    def paired(ours: list[float], theirs: list[float]) -> str:
-        ratios = [a / b for a, b in zip(ours, theirs)]
-        return f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
 
     def share(times: list[float], setting: Setting) -> str:
         return f"{100 * statistics.median(t / step for t, step in zip(times, setting.times)):.1f}%"
@@ -257,11 +330,104 @@ def markdown(side: int, table: list[Setting], clock: str) -> str:
             cells[4], cells[5] = share(setting.plan_times, setting), share(setting.merging_times, setting)
         if setting.library == "sdmerge" and setting.method == "tome":  # paired within each repetition
             theirs = tomesd_runs[setting.keep_rate]
-            cells[3] = paired(setting.times, theirs.times)
-            cells[6] = paired(
+            cells[3] = paired_ratio(setting.times, theirs.times)
+            cells[6] = paired_ratio(
                 [p + m for p, m in zip(setting.plan_times, setting.merging_times)],
                 [p + m for p, m in zip(theirs.plan_times, theirs.merging_times)],
             )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pndm_timesteps(calls: int) -> list[int]:
+    """The first ``calls`` timesteps of SD-1.5's default scheduler (PNDM, 50 steps)."""
+    scheduler = PNDMScheduler(**SD15_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(INFERENCE_STEPS)
+    if not 1 <= calls <= len(scheduler.timesteps):
+        raise ValueError(f"calls={calls}: a generation has 1..{len(scheduler.timesteps)} UNet calls")
+    return [int(t) for t in scheduler.timesteps[:calls]]
+
+
+def time_generation(unet, calls: int, inputs, device: torch.device, timer: OverheadTimer) -> float:
+    """Seconds of the first ``calls`` UNet calls of a generation from ``inputs = (noise [B, 4, h, w],
+    prompt embeddings [B, T, C])``: each call at the next PNDM timestep on the sample the
+    scheduler's step made from the previous output; ``timer`` holds the work merging added."""
+    sample, context = inputs
+    scheduler = PNDMScheduler(**SD15_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(INFERENCE_STEPS, device=device)
+    timesteps = scheduler.timesteps[:calls]
+    timer.reset()
+    synchronize(device)
+    start = timer.clock()
+    for t in timesteps:
+        noise = unet(sample, t, context).sample
+        sample = scheduler.step(noise, t, sample).prev_sample
+    synchronize(device)
+    return timer.clock() - start
+
+
+def run_generation(
+    unet,
+    side: int,
+    repetitions: int,
+    dtype,
+    device,
+    clock=time.perf_counter,
+    calls: int = 5,
+    table: list[Setting] | None = None,
+    batch: int | None = None,
+) -> list[Setting]:
+    """Time ``calls`` UNet calls of a generation at ``side x side`` pixels (latent ``side / 8``)
+    for every setting of ``table`` (default :func:`generation_settings`), interleaved, once per
+    repetition after one untimed unpatched call. ``batch``: the UNet batch (default
+    :data:`RESOLUTIONS`). Returns the settings with their times."""
+    batch = RESOLUTIONS[side] if batch is None else batch
+    pndm_timesteps(calls)  # checks calls
+    generator = torch.Generator().manual_seed(side)
+    latent = side // 8
+    sample = torch.randn(batch, 4, latent, latent, generator=generator).to(device=device, dtype=dtype)
+    context = torch.randn(batch, PROMPT_TOKENS, unet.config.cross_attention_dim, generator=generator)
+    inputs = (sample, context.to(device=device, dtype=dtype))
+    table = generation_settings() if table is None else table
+    timer = OverheadTimer(device, clock)
+    with torch.no_grad(), timer.installed():
+        table[0].patch(unet)
+        print(f"  {side}px warm-up {time_generation(unet, 1, inputs, device, timer):8.3f} s", flush=True)
+        for repetition in range(1, repetitions + 1):
+            for setting in table:
+                setting.patch(unet)
+                seconds = time_generation(unet, calls, inputs, device, timer)
+                setting.record(seconds, timer)
+                print(
+                    f"  {side}px rep {repetition} {setting.label:<45} {seconds:8.3f} s, {timer.plans} plans",
+                    flush=True,
+                )
+    tomesd.remove_patch(unet)
+    sdmerge.remove(unet)
+    return table
+
+
+def generation_markdown(side: int, table: list[Setting], clock: str, calls: int, batch: int | None = None) -> str:
+    """The generation mode's table: one row per setting; the first setting is the unpatched
+    baseline, the first ``tomesd`` setting the tomesd reference."""
+    base = table[0]
+    reference = next(s for s in table if s.library == "tomesd")
+    batch = RESOLUTIONS[side] if batch is None else batch
+    lines = [
+        f"| {side}x{side}, batch {batch}, {calls} calls | median {clock} s/generation | vs unpatched (range) "
+        "| vs tomesd (range) | plan share | plans per generation |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for setting in table:
+        plan_share = statistics.median(p / t for p, t in zip(setting.plan_times, setting.times))
+        cells = [
+            setting.label,
+            f"{statistics.median(setting.times):.3f}",
+            "1" if setting is base else paired_ratio(setting.times, base.times),
+            "1" if setting is reference else paired_ratio(setting.times, reference.times),
+            "" if setting.library == "none" else f"{100 * plan_share:.1f}%",
+            "" if setting.library == "none" else f"{statistics.median(setting.plans):g}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -271,6 +437,14 @@ def main() -> None:
     parser.add_argument("--unet", help="local diffusers UNet or pipeline directory (default: random SD-1.5 weights)")
     parser.add_argument("--resolutions", type=int, nargs="+", choices=sorted(RESOLUTIONS), default=sorted(RESOLUTIONS))
     parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument(
+        "--mode",
+        choices=("step", "generation"),
+        default="step",
+        help="step: one UNet call per configuration (default); generation: --calls consecutive calls at "
+        "PNDM's timesteps, with the plan-reuse arms",
+    )
+    parser.add_argument("--calls", type=int, default=5, help="UNet calls per generation (generation mode; default 5)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="sdmerge methods to time")
     parser.add_argument("--quick", action="store_true", help="512x512 only, 1 repetition")
     parser.add_argument("--device", default="cpu")
@@ -290,6 +464,12 @@ def main() -> None:
         parser.error("--clock cpu needs --device cpu and --threads 1")
     if args.quick:
         args.resolutions, args.repetitions = [512], 1
+    if args.repetitions < 1:
+        parser.error(f"--repetitions {args.repetitions}: must be at least 1")
+    try:
+        pndm_timesteps(args.calls)
+    except ValueError as error:
+        parser.error(f"--calls: {error}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     unet = load_unet(args.unet, dtype, device)
@@ -298,17 +478,28 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {machine}, {torch.get_num_threads()} threads, {args.dtype}, "
         f"attention processor {processor}, weights {'random SD-1.5 config' if args.unet is None else args.unet}, "
-        f"{args.repetitions} interleaved repetitions after 1 warm-up, {args.clock} clock; "
-        f"load average {os.getloadavg()}",
+        f"{args.repetitions} interleaved repetitions after 1 warm-up, {args.clock} clock, {args.mode} mode"
+        + (f" ({args.calls} calls at PNDM timesteps {pndm_timesteps(args.calls)})" if args.mode == "generation" else "")
+        + f"; load average {os.getloadavg()}",
         flush=True,
     )
-    tables = [
-        (side, run_resolution(unet, side, args.repetitions, dtype, device, CLOCKS[args.clock], args.methods))
-        for side in args.resolutions
-    ]
+    clock = CLOCKS[args.clock]
+    if args.mode == "generation":
+        tables = [
+            (side, run_generation(unet, side, args.repetitions, dtype, device, clock, args.calls))
+            for side in args.resolutions
+        ]
+    else:
+        tables = [
+            (side, run_resolution(unet, side, args.repetitions, dtype, device, clock, args.methods))
+            for side in args.resolutions
+        ]
     print(f"load average at the end {os.getloadavg()}\n")
     for side, table in tables:
-        print(markdown(side, table, args.clock), end="\n\n")
+        if args.mode == "generation":
+            print(generation_markdown(side, table, args.clock, args.calls), end="\n\n")
+        else:
+            print(markdown(side, table, args.clock), end="\n\n")
 
 
 if __name__ == "__main__":

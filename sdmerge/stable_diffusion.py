@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from .core import check_keep_rate, random_2d_split, tokens_to_remove
 from .core.plan import MergePlan
 from .methods import METHODS, Method, get_method
+from .plan_reuse import PlanReuse
 from .prompt_importance import PromptAttentionMassProcessor, prompt_importance
 
 SUPPORTED = "DiffusionPipeline (with a UNet2DConditionModel), UNet2DConditionModel"
@@ -63,6 +64,10 @@ class MergeConfig:
         sx, sy: window of the random 2D split (one destination per ``sy x sx`` window).
         use_rand: random destination in each window (``False``: the top-left one).
         seed: re-seed the split's generator at every UNet call from ``(seed, timestep)``.
+        plan_every: compute new merge plans at every ``plan_every``-th step of a generation
+            and reuse them in between (``sdmerge.plan_reuse``); 1: every call (the papers).
+        share_plans: one plan per resolution level per UNet call, computed by the level's
+            first merged block and used by all of them; False: one per block (the papers).
     ``sx``, ``sy``, ``use_rand`` and ``seed`` belong to the bipartite methods (tome, cis).
     """
 
@@ -73,6 +78,8 @@ class MergeConfig:
     sy: int = 2
     use_rand: bool = True
     seed: int | None = None
+    plan_every: int = 1
+    share_plans: bool = False
 
     def __post_init__(self):
         method = get_method(self.method, "sd")
@@ -86,6 +93,9 @@ class MergeConfig:
             _check_int("seed", self.seed)
         if self.seed is not None and not self.use_rand:
             raise ValueError(f"seed={self.seed} has no effect with use_rand=False (the split is not random)")
+        _check_int("plan_every", self.plan_every, minimum=1)
+        if not isinstance(self.share_plans, bool):
+            raise TypeError(f"share_plans must be True or False, got {self.share_plans!r}")
         if method.needs_split:
             # One destination per full window: the sources are at least N (1 - 1/(sx sy)), and
             # exactly that on grids the windows tile, so this bound is reachable on every grid.
@@ -148,6 +158,8 @@ def apply(
     sy: int = 2,
     use_rand: bool = True,
     seed: int | None = None,
+    plan_every: int = 1,
+    share_plans: bool = False,
     **unknown,
 ):
     """Merge tokens in the self-attention of ``model``'s UNet; returns ``model``.
@@ -157,7 +169,8 @@ def apply(
             their img2img / inpaint / ControlNet variants), or that UNet.
         method: ``tome``, ``atc_single``, ``atc_complete``, ``atc_average``, ``cis`` or ``crucial``.
         r: keep rate; a merged self-attention of ``N`` tokens sees ``N - floor(N (1 - r))``.
-        max_downsample, sx, sy, use_rand, seed: see :class:`MergeConfig`.
+        max_downsample, sx, sy, use_rand, seed, plan_every, share_plans: see :class:`MergeConfig`
+            (the last two: plan reuse, ``sdmerge.plan_reuse``; off by default).
 
     Applying again replaces the previous patch. Raises ``ValueError`` / ``TypeError`` for an
     unknown method or option, a keep rate outside ``(0, 1]`` or below what the method can
@@ -167,7 +180,7 @@ def apply(
         raise TypeError(
             f"unknown option {', '.join(sorted(unknown))} for Stable Diffusion; accepted: {', '.join(OPTIONS)}"
         )
-    config = MergeConfig(method, r, max_downsample, sx, sy, use_rand, seed)
+    config = MergeConfig(method, r, max_downsample, sx, sy, use_rand, seed, plan_every, share_plans)
     unet = find_unet(model)
     remove(unet)
     state = MergeState(unet, config)
@@ -258,8 +271,10 @@ class MergeState:
     """Everything :func:`apply` installs on one UNet, and the state it keeps between calls.
 
     Per UNet call (forward pre-hook): the latent size (for the token grids), the timestep (for
-    seeding and generation boundaries, read only when needed, since reading it synchronises
-    with the device). Per merged block: see :class:`MergedBlock`.
+    seeding, generation boundaries and counting the steps of ``plan_every > 1``; read only
+    when one of them is needed, since reading it synchronises with the device). Per merged
+    block: see :class:`MergedBlock`. Which plans are computed and which reused:
+    :class:`~sdmerge.plan_reuse.PlanReuse` (``plans``).
 
     Generation boundaries (``cis``, ``crucial``): a UNet call starts a new generation when its
     timestep is larger than the previous call's, or the shape of its ``sample`` differs; the
@@ -271,6 +286,7 @@ class MergeState:
         self.config = config
         self.method: Method = get_method(config.method, "sd")
         self.randomness = SplitRandomness(config.use_rand, config.seed)
+        self.plans: PlanReuse[tuple[MergePlan, Tensor | None] | None] = PlanReuse(config.plan_every, config.share_plans)
         self.blocks = [
             MergedBlock(name, block, level, self) for name, block, level in blocks_to_merge(unet, config.max_downsample)
         ]
@@ -289,7 +305,7 @@ class MergeState:
 
     @property
     def reads_timestep(self) -> bool:
-        return self.method.needs_importance or self.randomness.reseeds
+        return self.method.needs_importance or self.randomness.reseeds or self.plans.counts_steps
 
     def install(self) -> None:
         for block in self.blocks:
@@ -326,13 +342,17 @@ class MergeState:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        if self.reads_timestep:
-            timestep = float(torch.as_tensor(kwargs["timestep"] if "timestep" in kwargs else args[1]).flatten()[0])
-            if self._starts_generation(timestep, sample.shape):
-                for block in self.blocks:
-                    block.cross_attention_mass = None
-            self._previous_call = (timestep, sample.shape)
-            self.randomness.start_call(timestep)
+        if not self.reads_timestep:
+            self.plans.start_call()
+            return
+        timestep = float(torch.as_tensor(kwargs["timestep"] if "timestep" in kwargs else args[1]).flatten()[0])
+        starts_generation = self._starts_generation(timestep, sample.shape)
+        if starts_generation:
+            for block in self.blocks:
+                block.cross_attention_mass = None
+        self._previous_call = (timestep, sample.shape)
+        self.randomness.start_call(timestep)
+        self.plans.start_call(timestep, starts_generation)
 
     def _starts_generation(self, timestep: float, shape: torch.Size) -> bool:
         """A call starts a generation when its timestep is larger than the previous call's (the
@@ -421,6 +441,13 @@ class MergedBlock:
         remove = tokens_to_remove(num_tokens, self.state.config.keep_rate)
         if remove == 0:
             return None
+        return self.state.plans.plan(
+            self.name, self.level, hidden_states.shape[:2], lambda: self._new_plan(attn, metric, hidden_states, remove)
+        )
+
+    def _new_plan(self, attn: Attention, metric: Tensor, hidden_states: Tensor, remove: int):
+        """Group ``metric: [B, N, C]`` so that ``remove`` tokens go; the plan and merge weights."""
+        num_tokens = hidden_states.shape[1]
         method = self.state.method
         split = self._split(num_tokens, hidden_states.device) if method.needs_split else None
         importance = self._importance(attn, hidden_states) if method.needs_importance else None

@@ -1,0 +1,128 @@
+"""Merge plan reuse in Stable Diffusion: ``share_plans`` and ``plan_every`` (off by default).
+
+A *plan* here is what one merged block computes before its self-attention: the core
+:class:`~sdmerge.core.plan.MergePlan` and its merge weights. Computing it (bipartite matching,
+exact agglomerative clustering, importance) is the work merging adds to a UNet call; reuse
+computes it less often, at the price of merging tokens with a plan made from older tokens
+(an earlier denoising step, or an earlier block of the same resolution level).
+
+- ``share_plans``: the key of a plan is the resolution level instead of the block, so the
+  first merged block of a level that runs in a UNet call computes it (from its own input) and
+  the other merged blocks of that level reuse it in the same call, the up path included.
+- ``plan_every=k``: *steps* are counted from the start of a generation, one per distinct
+  timestep (the UNet calls at one timestep, e.g. the two halves of classifier-free guidance run
+  separately, are *slots* of one step). Steps ``0, k, 2k, ...`` are *plan steps*: every call
+  computes new plans. At the steps in between, the call in slot ``j`` reuses the plan that slot
+  ``j`` of the latest plan step computed (the latest plan of the key if that step had fewer
+  slots). A plan is only reused for tokens of its shape ``(B, N)``; otherwise a new one is
+  computed (and reused from then on). A new generation is a plan step.
+
+The integration (``sdmerge.stable_diffusion``) tells :class:`PlanReuse` where each UNet call
+stands (:meth:`PlanReuse.start_call`) and asks it for every merged block's plan
+(:meth:`PlanReuse.plan`). Nothing here reads tensors: no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+Plan = TypeVar("Plan")
+
+
+@dataclass
+class _Cached(Generic[Plan]):
+    plan: Plan
+    shape: tuple[int, ...]  # (B, N) of the tokens it was computed for
+    call: int  # the UNet call that computed it
+
+
+@dataclass
+class _Entry(Generic[Plan]):
+    step: int  # the plan step whose slots it holds
+    by_slot: dict[int, _Cached[Plan]] = field(default_factory=dict)
+    latest: _Cached[Plan] | None = None
+
+
+class PlanReuse(Generic[Plan]):
+    """Decides, for one patched UNet, which plans are computed and which are reused.
+
+    Args:
+        plan_every: ``k >= 1``; plans are computed at every ``k``-th step of a generation.
+        share_plans: one plan per key per UNet call (keys are levels), instead of per block.
+    With ``plan_every=1`` and ``share_plans=False`` every request computes a new plan and
+    nothing is kept.
+    """
+
+    def __init__(self, plan_every: int = 1, share_plans: bool = False):
+        self.plan_every = plan_every
+        self.share_plans = share_plans
+        self._entries: dict[Hashable, _Entry[Plan]] = {}
+        self._call = 0  # UNet calls so far
+        self._step = 0  # a number for every step (unique across generations)
+        self._step_in_generation = 0
+        self._slot = 0
+        self._timestep: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.plan_every > 1 or self.share_plans
+
+    @property
+    def counts_steps(self) -> bool:
+        """Whether :meth:`start_call` needs the timestep (only to count steps for ``plan_every > 1``)."""
+        return self.plan_every > 1
+
+    @property
+    def is_plan_step(self) -> bool:
+        """Whether the current UNet call computes new plans (at most one per key with ``share_plans``)."""
+        return self._step_in_generation % self.plan_every == 0
+
+    def start_call(self, timestep: float | None = None, new_generation: bool = False) -> None:
+        """Begin a UNet call. ``timestep`` (needed when :attr:`counts_steps`): a call at the
+        previous call's timestep is the next slot of the same step; ``new_generation``: the call
+        starts a generation (its step is 0, a plan step)."""
+        self._call += 1
+        if not self.counts_steps:
+            self._step, self._slot = self._step + 1, 0
+            return
+        if timestep is None:
+            raise ValueError("plan_every > 1 counts steps by timestep: start_call needs the call's timestep")
+        if new_generation:
+            self._step_in_generation, self._slot = 0, 0
+            self._step += 1
+        elif timestep == self._timestep:
+            self._slot += 1
+        else:
+            self._step_in_generation, self._slot = self._step_in_generation + 1, 0
+            self._step += 1
+        self._timestep = timestep
+
+    def plan(self, block: Hashable, level: int, shape: tuple[int, ...], compute: Callable[[], Plan]) -> Plan:
+        """The plan of ``block`` (at resolution ``level``) for tokens of ``shape`` ``(B, N)``:
+        reused when the rules allow it, else ``compute()``, kept for reuse."""
+        if not self.enabled:
+            return compute()
+        shape = tuple(shape)
+        key = ("level", level) if self.share_plans else ("block", block)
+        entry = self._entries.get(key)
+        cached = self._reusable(entry, shape)
+        if cached is not None:
+            return cached.plan
+        plan = compute()
+        if entry is None or (self.is_plan_step and entry.step != self._step):
+            entry = self._entries[key] = _Entry(self._step)
+        entry.by_slot[self._slot] = entry.latest = _Cached(plan, shape, self._call)
+        return plan
+
+    def _reusable(self, entry: _Entry[Plan] | None, shape: tuple[int, ...]) -> _Cached[Plan] | None:
+        if entry is None:
+            return None
+        if self.is_plan_step:  # only what this call computed for the key (share_plans)
+            cached = entry.by_slot.get(self._slot) if entry.step == self._step else None
+            if cached is None or cached.call != self._call or not self.share_plans:
+                return None
+        else:
+            cached = entry.by_slot.get(self._slot, entry.latest)
+        return cached if cached is not None and cached.shape == shape else None
