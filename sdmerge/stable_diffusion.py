@@ -409,8 +409,8 @@ class MergedBlock:
     ``metric``: the block input ``x`` ``[B, N, C]``, captured by a forward pre-hook and consumed
     by ``attn1``. ``cross_attention_mass``: ``p`` ``[B, N]`` written by ``attn2``; ``attn1`` runs
     before ``attn2`` in a block, so ``attn1`` reads the value of the previous UNet call.
-    ``observer``: ``None``, or a function called with ``(block, plan)`` for every plan made
-    (set by :func:`sdmerge.plan_recording.record_plans`).
+    ``observer``: ``None``, or a function called with ``(block, plan)`` with the plan of every
+    call, computed or reused (set by :func:`sdmerge.plan_recording.record_plans`).
     """
 
     def __init__(self, name: str, module: BasicTransformerBlock, level: int, state: MergeState):
@@ -441,9 +441,12 @@ class MergedBlock:
         remove = tokens_to_remove(num_tokens, self.state.config.keep_rate)
         if remove == 0:
             return None
-        return self.state.plans.plan(
+        merge = self.state.plans.plan(
             self.name, self.level, hidden_states.shape[:2], lambda: self._new_plan(attn, metric, hidden_states, remove)
         )
+        if self.observer is not None and merge is not None:
+            self.observer(self, merge[0])
+        return merge
 
     def _new_plan(self, attn: Attention, metric: Tensor, hidden_states: Tensor, remove: int):
         """Group ``metric: [B, N, C]`` so that ``remove`` tokens go; the plan and merge weights."""
@@ -452,8 +455,6 @@ class MergedBlock:
         split = self._split(num_tokens, hidden_states.device) if method.needs_split else None
         importance = self._importance(attn, hidden_states) if method.needs_importance else None
         plan = method.plan(metric, remove, importance=importance, split=split)
-        if self.observer is not None:
-            self.observer(self, plan)
         return plan, method.weights(None, importance)
 
     def _split(self, num_tokens: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -160,3 +160,13 @@ def test_vit_provenance_after_block_paints_the_groups_of_that_block():
         assert torch.allclose(painted[:, area], image[:, area].mean(1, keepdim=True).expand(3, int(area.sum())), atol=1e-5)
     with pytest.raises(ValueError, match="block=4"):
         vit_provenance_after(model, x, 4)
+
+
+def test_record_plans_records_reused_plans_too():
+    pipe = tiny_pipeline()
+    sdmerge.apply(pipe, "tome", r=0.5, use_rand=False, plan_every=2)
+    with record_plans(pipe, blocks=SD15_MERGED[0], steps=None) as plans:
+        pipe("a cat", num_inference_steps=3, height=32, width=32, output_type="latent")
+    assert sorted(plans) == [(step, SD15_MERGED[0]) for step in range(3)]
+    assert plans[1, SD15_MERGED[0]].labels is plans[0, SD15_MERGED[0]].labels  # step 1 reuses step 0's plan
+    assert plans[2, SD15_MERGED[0]].labels is not plans[0, SD15_MERGED[0]].labels
