@@ -60,19 +60,25 @@ class Method:
         sizes: Tensor | None = None,
         importance: Tensor | None = None,
         split: tuple[Tensor, Tensor] | None = None,
+        split_order: bool = False,
     ) -> MergePlan:
         """Group ``metric: [B, N, D]`` so that ``remove`` tokens disappear.
 
         ``split``: ``(src, dst)`` token indices for bipartite methods; ``importance``: ``[B, N]``
         for the methods that need it. ``protected`` prefix tokens are never merged (bipartite
-        methods protect them through the split).
+        methods protect them through the split). ``split_order``: bipartite methods number their
+        groups in ToMe's ViT order (:func:`~sdmerge.core.bipartite_soft_matching`, ``order="split"``);
+        every grouping otherwise keeps the tokens' relative order.
         """
+        if split_order and not self.needs_split:
+            raise ValueError(f"method {self.name!r} has no source/destination split to order tokens by")
         if self.needs_importance and importance is None and self.grouping != "bipartite":
             raise ValueError(f"method {self.name!r} needs an importance score")
         if self.grouping == "bipartite":
             if split is None:
                 raise ValueError(f"method {self.name!r} needs a source/destination split")
-            return bipartite_soft_matching(metric, remove, *split, sizes=sizes)
+            order = "split" if split_order else "position"
+            return bipartite_soft_matching(metric, remove, *split, sizes=sizes, order=order)
         if self.grouping == "agglomerative":
             return agglomerative_clustering(metric, remove, self.linkage, protected=protected, sizes=sizes)
         if self.grouping == "crucial":

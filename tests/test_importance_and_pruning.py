@@ -10,6 +10,7 @@ import sdmerge
 from sdmerge.core import (
     crucial_token_merging,
     evit_fusion,
+    head_mean_importance_score,
     importance_score,
     proportional_attention_bias,
     top_k_pruning,
@@ -83,6 +84,22 @@ def test_class_importance_score_is_the_head_mean_of_attention_times_value_norm()
     assert tiny.dtype == torch.float32 and (tiny > 0).all()
     with pytest.raises(ValueError, match="does not match"):
         importance_score(attention, values[:, :2])
+
+
+def test_code_class_importance_score_multiplies_the_head_means():
+    """ToMeCIS's code: mean over heads of A times the norm of the mean over heads of V."""
+    g = torch.Generator().manual_seed(1)
+    attention = torch.rand(2, 3, 5, generator=g)
+    values = torch.randn(2, 3, 5, 4, generator=g)
+    mean_attention = sum(attention[:, h] for h in range(3)) / 3
+    mean_values = sum(values[:, h] for h in range(3)) / 3
+    expected = mean_attention * mean_values.pow(2).sum(-1).sqrt()
+    torch.testing.assert_close(head_mean_importance_score(attention, values), expected)
+    assert (head_mean_importance_score(attention, values) - importance_score(attention, values)).abs().max() > 1e-2
+    one_head = (attention[:, :1], values[:, :1])  # with one head (the SD path) both readings agree
+    torch.testing.assert_close(head_mean_importance_score(*one_head), importance_score(*one_head))
+    with pytest.raises(ValueError, match="does not match"):
+        head_mean_importance_score(attention, values[:, :2])
 
 
 def test_proportional_attention_counts_a_token_as_many_times_as_its_size():

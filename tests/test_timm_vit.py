@@ -12,7 +12,7 @@ from tests.torchvision_stand_in import import_timm
 from transformers import ViTConfig, ViTForImageClassification
 
 import sdmerge
-from sdmerge.timm_vit import reduction_state
+from sdmerge.vit import reduction_state
 
 timm = import_timm()
 pytestmark = [

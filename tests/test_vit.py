@@ -169,7 +169,7 @@ def test_schedule_follows_the_token_count_of_each_call():
 
 
 def test_default_stages_and_linear_schedule_at_paper_sizes():
-    from sdmerge.schedule import default_stages, make_schedule
+    from sdmerge.vit.schedule import default_stages, make_schedule
 
     assert default_stages(12) == (3, 6, 9)  # the 4th, 7th and 10th block
     assert default_stages(24) == (6, 12, 18)
@@ -198,10 +198,10 @@ def test_cis_merges_with_class_importance_from_the_same_attention_pass():
     seen = layer_io(model, 0, x)
     hidden = seen["layer_in"]
     _, _, keys, values = hand_attention(layer.attention, layer.layernorm_before(hidden))
-    # ToMeCIS eq. 7-8 by hand: S_i = mean over heads of A[h, cls, i] * ||V[h, i]||_2
-    weights = (probabilities[:, :, 0, :] * values.norm(dim=-1)).mean(dim=1)  # [B, N]
+    # ToMeCIS eq. 7-8 by hand, as its code computes them: S_i = mean_h A[h, cls, i] * ||mean_h V[h, i]||_2
+    weights = probabilities[:, :, 0, :].mean(dim=1) * values.mean(dim=1).norm(dim=-1)  # [B, N]
     residual = layer.attention(layer.layernorm_before(hidden))[0] + hidden  # unpatched attention, no bias
-    plan = bipartite_soft_matching(keys.mean(dim=1), 4, *alternating_split(17, 1))
+    plan = bipartite_soft_matching(keys.mean(dim=1), 4, *alternating_split(17, 1), order="split")
     merged = torch.zeros(x.shape[0], 13, 32)
     for b in range(x.shape[0]):
         for group in range(13):
@@ -234,7 +234,7 @@ def test_proportional_attention_adds_log_size_to_the_logits(attn, prop_attn):
 def test_log_size_bias_equals_duplicated_keys():
     """Attention with key j counted s_j times == attention with + log(s_j): the meaning of proportional
     attention, for the fused attention the bias is given to and for the class-token row."""
-    from sdmerge.token_reduction import class_token_attention
+    from sdmerge.vit.reduction import class_token_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
@@ -376,7 +376,7 @@ def test_attention_mask_is_refused_on_a_patched_model():
 
 def test_removal_limit_is_exactly_what_the_core_accepts():
     from sdmerge.methods import get_method
-    from sdmerge.schedule import removal_limit
+    from sdmerge.vit.schedule import removal_limit
 
     g = torch.Generator().manual_seed(0)
     for name in METHODS:
@@ -418,13 +418,13 @@ def test_selection_methods_rank_tokens_by_class_attention(method):
 
 
 def test_class_attention_of_later_blocks_includes_the_size_bias(monkeypatch):
-    import sdmerge.token_reduction as token_reduction
+    import sdmerge.vit.reduction as token_reduction
 
     model, x = tiny(ViTForImageClassification), images()
     seen_rows = []
     original = token_reduction.class_importance
     monkeypatch.setattr(
-        token_reduction, "class_importance", lambda m, row, v: seen_rows.append(row) or original(m, row, v)
+        token_reduction, "class_importance", lambda m, row, *rest: seen_rows.append(row) or original(m, row, *rest)
     )
     sdmerge.apply(model, "cis", r=0.75, stages=(0, 2))
     seen = layer_io(model, 2, x)

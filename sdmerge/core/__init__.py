@@ -8,7 +8,7 @@ from .agglomerative import LINKAGES, agglomerative_clustering, cluster, cosine_d
 from .attention import proportional_attention_bias
 from .bipartite import alternating_split, bipartite_soft_matching, random_2d_split
 from .crucial import crucial_token_merging
-from .importance import importance_score
+from .importance import head_mean_importance_score, importance_score
 from .plan import MergePlan, check_keep_rate, plan_from_representatives, tokens_to_remove
 from .pruning import evit_fusion, top_k_pruning
 
@@ -23,6 +23,7 @@ __all__ = [
     "cosine_distances",
     "crucial_token_merging",
     "evit_fusion",
+    "head_mean_importance_score",
     "importance_score",
     "plan_from_representatives",
     "proportional_attention_bias",

@@ -62,8 +62,12 @@ def random_2d_split(
     return order[hsy * wsx :], order[: hsy * wsx]
 
 
+GROUP_ORDERS = ("position", "split")
+"""How :func:`bipartite_soft_matching` numbers its groups (see there)."""
+
+
 def bipartite_soft_matching(
-    metric: Tensor, remove: int, src: Tensor, dst: Tensor, sizes: Tensor | None = None
+    metric: Tensor, remove: int, src: Tensor, dst: Tensor, sizes: Tensor | None = None, *, order: str = "position"
 ) -> MergePlan:
     """Merge the ``remove`` sources most similar to a destination into it.
 
@@ -72,6 +76,12 @@ def bipartite_soft_matching(
         remove: tokens to remove, ``0 <= remove <= n_src``.
         src, dst: the split, ``[n]`` shared by the batch or ``[B, n]`` token indices.
         sizes: ``[B, N]`` token sizes carried into the plan.
+        order: how the groups are numbered, i.e. the token order after merging:
+            ``"position"``: by the position of the group's first token (merged tokens keep
+            their relative order); ``"split"``: the order of ToMe's ViT implementation
+            (``cat([unmerged sources, destinations])`` after the protected prefix): the tokens
+            in neither set first, then the unmerged sources, then every destination (with
+            what merged into it), each in ascending position.
 
     Returns a plan with ``N - remove`` groups.
     """
@@ -81,6 +91,8 @@ def bipartite_soft_matching(
         raise ValueError(
             f"bipartite matching can remove at most {n_src} of {N} tokens (the source set), asked to remove {remove}"
         )
+    if order not in GROUP_ORDERS:
+        raise ValueError(f"unknown group order {order!r}; allowed: {', '.join(GROUP_ORDERS)}")
     representative = torch.arange(N, device=metric.device).expand(B, N).contiguous()
     if remove > 0:
         with torch.no_grad():
@@ -89,4 +101,18 @@ def bipartite_soft_matching(
             src_tokens = token_index(src, B).gather(1, merged)
             dst_tokens = token_index(dst, B).gather(1, choice.gather(1, merged))
             representative.scatter_(1, src_tokens, dst_tokens)
-    return plan_from_representatives(representative, N - remove, sizes)
+    token_order = split_order(N, src, dst) if order == "split" else None
+    return plan_from_representatives(representative, N - remove, sizes, order=token_order)
+
+
+def split_order(num_tokens: int, src: Tensor, dst: Tensor) -> Tensor:
+    """Token positions ordered as: neither set, sources, destinations; ascending within each.
+
+    ``src``/``dst``: ``[n]`` or ``[B, n]`` indices. Returns ``[N]`` or ``[B, N]`` int64 (one
+    sort of ``N`` keys per sample, on the device; no synchronisation).
+    """
+    positions = torch.arange(num_tokens, device=src.device)
+    batch = src.shape[:-1]
+    group = torch.zeros(*batch, num_tokens, dtype=torch.int64, device=src.device)
+    group.scatter_(-1, src, 1).scatter_(-1, dst, 2)
+    return (group * num_tokens + positions).argsort(dim=-1)

@@ -157,7 +157,12 @@ class MergePlan:
 
 
 def plan_from_representatives(
-    representative: Tensor, num_groups: int, sizes: Tensor | None = None, *, drops: bool = False
+    representative: Tensor,
+    num_groups: int,
+    sizes: Tensor | None = None,
+    *,
+    drops: bool = False,
+    order: Tensor | None = None,
 ) -> MergePlan:
     """Build a plan from each token's representative.
 
@@ -167,15 +172,19 @@ def plan_from_representatives(
         num_groups: the number of representatives in every sample (known to every grouping,
             so no device synchronisation is needed to count them).
         drops: whether any token is dropped (``-1``); only pruning groupings set it.
-
-    Groups are numbered by their representative's position, so protected prefix tokens (their
-    own representatives) keep positions ``0..p-1`` and the order of the other groups follows
-    the token order.
+        order: ``[N]`` or ``[B, N]``, a permutation of the token positions: groups are numbered
+            in the order their representatives appear in it. ``None``: by the representative's
+            position, so protected prefix tokens (their own representatives) keep positions
+            ``0..p-1`` and the order of the other groups follows the token order.
     """
     B, N = representative.shape
     positions = torch.arange(N, device=representative.device)
     is_representative = representative == positions
-    rank = is_representative.cumsum(dim=1) - 1
+    if order is None:
+        rank = is_representative.cumsum(dim=1) - 1
+    else:
+        order = order.expand(B, N)
+        rank = torch.empty_like(representative).scatter_(1, order, is_representative.gather(1, order).cumsum(dim=1) - 1)
     if not drops:
         return MergePlan(rank.gather(1, representative), num_groups, sizes)
     labels = rank.gather(1, representative.clamp_min(0)).masked_fill(representative < 0, num_groups)

@@ -1,7 +1,7 @@
 """Installing and undoing a ViT integration's patch on a model.
 
 A patch replaces a few attributes of a model's modules (their ``forward``, timm's ``pool``) by
-instance attributes and starts a new :class:`~sdmerge.token_reduction.ReductionState` at every
+instance attributes and starts a new :class:`~sdmerge.vit.reduction.ReductionState` at every
 forward call, from a forward hook on the module that outputs the embedded tokens ``[B, N, C]``.
 ``uninstall`` puts back exactly what was there (the class's method again, or the instance
 attribute that was there before), so the model behaves bit for bit as before.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .token_reduction import ReductionConfig, ReductionState
+from .reduction import ReductionConfig, ReductionState
 
 _PATCH_ATTRIBUTE = "_sdmerge_patch"
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .core import alternating_split, check_keep_rate, tokens_to_remove
-from .methods import Method
+from ..core import alternating_split, check_keep_rate, tokens_to_remove
+from ..methods import Method
 
 PER_BLOCK_SCHEDULES = ("constant", "linear")
 

@@ -4,7 +4,7 @@
     sdmerge.apply(model, method="tome", tokens_per_block=13)
     sdmerge.remove(model)
 
-Same options and behaviour as :mod:`sdmerge.vit`. Supported: ``VisionTransformer`` (and
+Same options and behaviour as :mod:`sdmerge.vit.transformers`. Supported: ``VisionTransformer`` (and
 subclasses such as ``VisionTransformerDistilled``) whose blocks are timm's pre-norm ``Block``
 with timm's ``Attention`` (layer scale, drop path, q/k norm, gated attention included). The
 ``num_prefix_tokens`` (class, distillation, register tokens) are protected. Pooling:
@@ -26,8 +26,8 @@ import sys
 import torch
 from torch import nn
 
-from .model_patch import ModelPatch, latest_state, remove_patch
-from .token_reduction import ReductionConfig, ReductionState
+from .patch import ModelPatch, latest_state, remove_patch
+from .reduction import ReductionConfig, ReductionState
 
 SUPPORTED = "timm VisionTransformer (with timm installed)"
 _MEAN_POOLS = ("avg", "avgmax")
@@ -58,14 +58,16 @@ def apply(
     tokens_per_block: int | None = None,
     schedule: str | None = None,
     prop_attn: bool = True,
+    cis_score: str | None = None,
 ):
-    """Patch a timm ``VisionTransformer`` in place; options as :func:`sdmerge.vit.apply`."""
+    """Patch a timm ``VisionTransformer`` in place; options as :func:`sdmerge.vit.transformers.apply`."""
     if not accepts(model):
-        raise TypeError(f"sdmerge.timm_vit supports timm VisionTransformer models; got {type(model).__name__}")
+        raise TypeError(f"sdmerge.vit.timm supports timm VisionTransformer models; got {type(model).__name__}")
     _check_model(model)
     config = ReductionConfig.from_options(
         method, len(model.blocks), model.patch_embed.num_patches + model.num_prefix_tokens, model.num_prefix_tokens, r,
         stages=stages, tokens_per_block=tokens_per_block, schedule=schedule, prop_attn=prop_attn,
+        cis_score=cis_score,
     )
     if config.method.needs_importance and not model.has_class_token:
         raise ValueError(f"method {method!r} ranks tokens by class-token attention; this model has no class token")

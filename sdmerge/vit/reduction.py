@@ -13,7 +13,7 @@ This module holds everything that does not depend on the model library:
 * :class:`ReductionState`: what one forward call carries from block to block (token sizes,
   provenance of every token) and the attention outputs the reducing block records;
 * :func:`class_token_attention`: the class-token attention row ``A_cls`` (ToMeCIS eq. 7);
-* :func:`class_importance`: the importance each method uses (ToMeCIS eq. 8, or ``A_cls``).
+* :func:`class_importance`: the importance each method uses (ToMeCIS eq. 8, code or paper reading, or ``A_cls``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .core import MergePlan, alternating_split, importance_score, proportional_attention_bias
-from .methods import Method, get_method
+from ..core import (
+    MergePlan,
+    alternating_split,
+    head_mean_importance_score,
+    importance_score,
+    proportional_attention_bias,
+)
+from ..methods import Method, get_method
 from .schedule import TokenSchedule, check_schedule, make_schedule
 
 
@@ -46,20 +52,27 @@ def class_token_attention(query: Tensor, key: Tensor, scaling: float, bias: Tens
     return torch.softmax(logits, dim=-1, dtype=torch.float32)[:, :, 0]
 
 
-def class_importance(method: Method, class_attention: Tensor, values: Tensor) -> Tensor:
+CIS_SCORES = ("code", "paper")
+"""The two readings of ToMeCIS eq. 8 over several heads (``cis_score``; see :func:`class_importance`)."""
+
+
+def class_importance(method: Method, class_attention: Tensor, values: Tensor, cis_score: str = "code") -> Tensor:
     """Per-token importance ``[B, N]`` (float32) from the class-token attention row.
 
     Args:
         class_attention: ``A_cls``, ``[B, H, N]``: the attention the class token pays to every
             token (ToMeCIS eq. 7), from the block's own attention pass.
         values: ``[B, H, N, Dh]`` value vectors of the same pass.
+        cis_score: for ``cis``, ``"code"``: ``S = mean_h(A_cls) * ||mean_h(V)||_2`` (the ToMeCIS
+            code, which produced the published numbers); ``"paper"``: ``S = mean_h(A_cls * ||V||_2)``
+            (the paper's sentence: "averaging S_cls of all heads").
 
-    ``cis``: ``S = mean_h(A_cls * ||V||_2)`` (ToMeCIS eq. 8, averaged over heads as the paper
-    says). ``crucial``, ``topk``, ``evit``: ``A_cls`` averaged over heads (MSTM section 3,
-    "Which tokens to use?" section 3.1.2, EViT).
+    ``crucial``, ``topk``, ``evit``: ``A_cls`` averaged over heads (MSTM section 3, "Which
+    tokens to use?" section 3.1.2, EViT).
     """
     if method.name == "cis":
-        return importance_score(class_attention, values)
+        score = head_mean_importance_score if cis_score == "code" else importance_score
+        return score(class_attention, values)
     return class_attention.float().mean(dim=1)
 
 
@@ -72,29 +85,37 @@ class ReductionConfig:
         schedule: removals per block.
         protected: prefix tokens never merged (class token; DeiT's distillation token).
         prop_attn: add ``log(size)`` to the attention logits of every block after a reduction.
+        cis_score: the CIS formula of ``cis`` (:data:`CIS_SCORES`, :func:`class_importance`).
     """
 
     method: Method
     schedule: TokenSchedule
     protected: int
     prop_attn: bool = True
+    cis_score: str = "code"
     _removals: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_options(
-        cls, method: str, depth: int, num_tokens: int, protected: int, r, *, stages, tokens_per_block, schedule, prop_attn
+        cls, method: str, depth: int, num_tokens: int, protected: int, r, *, stages, tokens_per_block, schedule, prop_attn,
+        cis_score=None,
     ) -> "ReductionConfig":
         """Check the user's options of ``sdmerge.apply`` for a ``depth``-block model with
         ``num_tokens`` input tokens (``protected`` of them prefix tokens) and build the config.
 
         Raises ``ValueError`` for an unknown method, an invalid or ambiguous schedule
-        (:func:`~sdmerge.schedule.make_schedule`), or one the method cannot follow at ``num_tokens``.
+        (:func:`~sdmerge.vit.schedule.make_schedule`), one the method cannot follow at ``num_tokens``,
+        or a ``cis_score`` that is not one of :data:`CIS_SCORES` or given with another method than ``cis``.
         """
         if not isinstance(prop_attn, bool):
             raise ValueError(f"prop_attn={prop_attn!r} must be True or False")
         chosen = get_method(method, "vit")
+        if cis_score is not None and cis_score not in CIS_SCORES:
+            raise ValueError(f"cis_score={cis_score!r} is not a CIS formula; allowed: {', '.join(CIS_SCORES)}")
+        if cis_score is not None and chosen.name != "cis":
+            raise ValueError(f"cis_score={cis_score!r} applies to method 'cis' only, not {method!r}")
         token_schedule = make_schedule(depth, r, stages=stages, tokens_per_block=tokens_per_block, schedule=schedule)
-        config = cls(chosen, token_schedule, protected, prop_attn)
+        config = cls(chosen, token_schedule, protected, prop_attn, "code" if cis_score is None else cis_score)
         config.removals(num_tokens)  # validate now, not at the first call
         return config
 
@@ -156,6 +177,11 @@ class ReductionState:
         Metric: keys averaged over heads (ToMe), ``[B, N, Dh]``. Merged tokens are averaged with the method's
         weights (sizes, or importance for ``cis``/``crucial``/``evit``); sizes add up and the
         provenance plan is composed with this block's plan.
+
+        Token order after the reduction: bipartite methods (``tome``, ``cis``) follow ToMe's ViT
+        implementation, protected tokens, then the unmerged sources (even positions), then all
+        destinations (odd positions), each in ascending current position, so the next block's
+        alternating split runs over that order; the other methods keep the tokens' relative order.
         """
         method, protected = self.config.method, self.config.protected
         recorded, self._recorded = self._recorded, {}
@@ -166,11 +192,12 @@ class ReductionState:
             raise RuntimeError(f"block {block}: keys of {keys.shape[2]} tokens for {x.shape[1]} hidden tokens")
         importance = None
         if method.needs_importance:
-            importance = class_importance(method, recorded["class_attention"], recorded["values"])
+            importance = class_importance(method, recorded["class_attention"], recorded["values"], self.config.cis_score)
         split = alternating_split(x.shape[1], protected, device=x.device) if method.needs_split else None
         metric = keys.mean(dim=1).detach()  # grouping is a discrete choice: no gradient through it
         plan = method.plan(
-            metric, self.removals[block], protected=protected, sizes=self.sizes, importance=importance, split=split
+            metric, self.removals[block], protected=protected, sizes=self.sizes, importance=importance, split=split,
+            split_order=method.needs_split,
         )
         x = plan.merge(x, weights=method.weights(self.sizes, importance))
         self.sizes = plan.merged_sizes

@@ -8,9 +8,9 @@ Supported classes: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
 ``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher`` (transformers 5
 layout: ``model.base_model.layers``, attention with ``q_proj/k_proj/v_proj/o_proj``).
 
-How (see :mod:`sdmerge.token_reduction`): every ``ViTLayer``/``DeiTLayer`` and its attention
+How (see :mod:`sdmerge.vit.reduction`): every ``ViTLayer``/``DeiTLayer`` and its attention
 get an instance ``forward``; a forward hook on the embeddings starts a new
-:class:`~sdmerge.token_reduction.ReductionState` for every call. A block with nothing to do
+:class:`~sdmerge.vit.reduction.ReductionState` for every call. A block with nothing to do
 (no reduction so far, none in it) runs its original forward. The others run
 
     h = x + attention(layernorm_before(x), attention_mask=log(sizes))
@@ -21,7 +21,7 @@ The proportional-attention bias goes to the attention function of the model's
 ``config._attn_implementation`` as its additive mask; ``eager`` and ``sdpa`` add it to the
 logits, other implementations (flash attention) cannot take it, so ``prop_attn=True`` is
 refused for them. A reducing block whose method needs the class-token attention row also
-computes that row (:func:`~sdmerge.token_reduction.class_token_attention`).
+computes that row (:func:`~sdmerge.vit.reduction.class_token_attention`).
 Class-token (and distillation-token) read-outs need no change: protected tokens keep
 positions 0 and 1. ``last_hidden_state`` has the reduced token count.
 """
@@ -40,8 +40,8 @@ from transformers import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .model_patch import ModelPatch, latest_state, remove_patch
-from .token_reduction import ReductionConfig, ReductionState
+from .patch import ModelPatch, latest_state, remove_patch
+from .reduction import ReductionConfig, ReductionState
 
 SUPPORTED_CLASSES = (
     ViTModel,
@@ -82,6 +82,7 @@ def apply(
     tokens_per_block: int | None = None,
     schedule: str | None = None,
     prop_attn: bool = True,
+    cis_score: str | None = None,
 ):
     """Patch a transformers ViT/DeiT model in place to merge tokens; returns ``model``.
 
@@ -96,6 +97,8 @@ def apply(
         schedule: ``"constant"`` (default) or ``"linear"`` (ToMe's ``floor(2t - 2tl/(L-1))``),
             with ``tokens_per_block`` only.
         prop_attn: proportional attention (``+ log(size)`` on the logits).
+        cis_score: ``cis`` only: ``"code"`` (default, ``mean_h(A_cls) * ||mean_h(V)||``, the ToMeCIS
+            code) or ``"paper"`` (``mean_h(A_cls * ||V||)``, the paper's text).
 
     Raises ``TypeError`` for an unsupported model and ``ValueError`` for an unknown method, an
     ambiguous or invalid schedule, or one that asks a block for more removals than the method
@@ -103,13 +106,14 @@ def apply(
     request that fails leaves the model as it was.
     """
     if not accepts(model):
-        raise TypeError(f"sdmerge.vit supports {SUPPORTED}; got {type(model).__name__}")
+        raise TypeError(f"sdmerge.vit.transformers supports {SUPPORTED}; got {type(model).__name__}")
     base = model.base_model
     layers = _checked_layers(base)
     protected = 2 if isinstance(base, DeiTModel) else 1  # DeiTEmbeddings always add a distillation token
     config = ReductionConfig.from_options(
         method, len(layers), base.embeddings.patch_embeddings.num_patches + protected, protected, r,
         stages=stages, tokens_per_block=tokens_per_block, schedule=schedule, prop_attn=prop_attn,
+        cis_score=cis_score,
     )
     check_attention_implementation(base.config._attn_implementation, prop_attn)
     remove(model)
@@ -145,7 +149,7 @@ def _checked_layers(base) -> nn.ModuleList:
                 break
     if problem:
         raise TypeError(
-            f"unsupported {type(base).__name__} layout ({problem}); sdmerge.vit follows the transformers 5 "
+            f"unsupported {type(base).__name__} layout ({problem}); sdmerge.vit.transformers follows the transformers 5 "
             "ViT/DeiT layout (base_model.layers, attention q_proj/k_proj/v_proj/o_proj)"
         )
     return layers
