@@ -116,12 +116,14 @@ def record_plans(model, blocks=None, steps=None):
 
 
 def vit_provenance_after(model, pixel_values: Tensor, block: int) -> MergePlan | None:
-    """Run a patched transformers ViT/DeiT on ``pixel_values`` ``[B, 3, H, W]`` and return the
-    provenance plan after block ``block`` (0-based): ``labels [B, N_0]`` maps the ``N_0`` input
-    tokens (protected prefix first) to the tokens leaving that block. ``None``: no block up to
-    ``block`` reduced. Use :func:`sdmerge.visualize.token_labels` to drop the protected tokens.
+    """Run a patched ViT/DeiT (transformers, or timm ``VisionTransformer``) on ``pixel_values``
+    ``[B, 3, H, W]`` and return the provenance plan after block ``block`` (0-based): ``labels
+    [B, N_0]`` maps the ``N_0`` input tokens (protected prefix first) to the tokens leaving that
+    block. ``None``: no block up to ``block`` reduced. Use :func:`sdmerge.visualize.token_labels`
+    to drop the protected tokens.
     """
-    layers = model.base_model.layers
+    base = getattr(model, "base_model", None)
+    layers = base.layers if hasattr(base, "layers") else model.blocks  # transformers, else timm
     if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < len(layers):
         raise ValueError(f"block={block!r} must be an int in [0, {len(layers)}) for this {len(layers)}-block model")
     captured = []

@@ -170,3 +170,16 @@ def test_record_plans_records_reused_plans_too():
     assert sorted(plans) == [(step, SD15_MERGED[0]) for step in range(3)]
     assert plans[1, SD15_MERGED[0]].labels is plans[0, SD15_MERGED[0]].labels  # step 1 reuses step 0's plan
     assert plans[2, SD15_MERGED[0]].labels is not plans[0, SD15_MERGED[0]].labels
+
+
+def test_vit_provenance_after_block_on_timm():
+    from tests import test_timm_vit
+
+    if test_timm_vit.timm is None:
+        pytest.skip("timm is not installed (pip install --no-deps timm)")
+    model = test_timm_vit.tiny()
+    sdmerge.apply(model, "tome", r=0.5, stages=(1, 2))
+    x = images(batch=2)
+    after_1 = vit_provenance_after(model, x, 1)
+    assert after_1.num_groups == 9 and after_1.labels.shape == (2, 17)
+    assert torch.equal(vit_provenance_after(model, x, 3).labels, sdmerge.vit.reduction_state(model).provenance.labels)
