@@ -118,6 +118,37 @@ def unet_rows(unet, sides, methods, keep_rates, repetitions: int, device, dtype)
     return rows
 
 
+def generation_rows(unet, side: int, calls: int, repetitions: int, device, dtype, keep_rate: float = 0.4) -> list[dict]:
+    """``bench_unet.run_generation``: ``calls`` consecutive UNet calls of a generation (batch 1)
+    for its arms (unpatched, tomesd, tome, atc_average, and atc_average with plan reuse)."""
+    table = bench_unet.generation_settings(keep_rate)
+    bench_unet.run_generation(unet, side, repetitions, dtype, device, calls=calls, table=table, batch=1)
+    base = statistics.median(table[0].times)
+    return [
+        {"arm": setting.label, "seconds": statistics.median(setting.times),
+         "speedup": base / statistics.median(setting.times),
+         "plans": statistics.median(setting.plans) if setting.library != "none" else 0}
+        for setting in table
+    ]
+
+
+def plot_bars(rows, title: str):
+    """Horizontal bars of ``row["speedup"]`` per arm."""
+    figure, axis = plt.subplots(figsize=(6.4, 0.45 * len(rows) + 1))
+    labels = [row["arm"] for row in rows][::-1]
+    axis.barh(labels, [row["speedup"] for row in rows][::-1], color="tab:blue")
+    axis.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+    axis.set(title=title, xlabel="speedup over unpatched")
+    axis.grid(alpha=0.3, axis="x")
+    return figure
+
+
+def bars_reading(rows) -> str:
+    best = max(rows, key=lambda row: row["speedup"])
+    parts = ", ".join(f"{row['arm']} {row['speedup']:.2f}x" for row in rows if row["arm"] != "unpatched")
+    return f"Reading (measured in this run): {parts}; fastest: {best['arm']}."
+
+
 def print_rows(rows: list[dict], columns: list[str]) -> None:
     formatted = [{c: f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns} for row in rows]
     bench_vit.print_table(formatted, columns)

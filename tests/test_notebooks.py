@@ -58,7 +58,7 @@ def run_quick(name: str, kernel: str, figure_dir: Path):
 @pytest.mark.parametrize(
     "name, figures",
     [
-        ("speed_comparison.ipynb", {"speed_sd_resolution", "speed_sd_keep_rate", "speed_clustering",
+        ("speed_comparison.ipynb", {"speed_sd_resolution", "speed_sd_keep_rate", "speed_sd_plan_reuse", "speed_clustering",
                                     "speed_vit_keep_rate", "speed_vit_tokens_per_block"}),
         ("visualize_merging.ipynb", {"groups_vit", "groups_sd"}),
     ],
