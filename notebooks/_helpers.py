@@ -257,19 +257,38 @@ def photograph(side: int) -> np.ndarray:
 
 
 def vit_groups(model, image: np.ndarray, methods, keep_rates, block: int) -> dict:
-    """``{(method, r): painted [H, W, 3]}``: the groups after ``block`` of ``model`` (stage
-    protocol at keep rate ``r``), painted on ``image`` (a ``[224, 224, 3]`` uint8 array)."""
+    """``{(method, r): (labels [N], grid)}``: the patch groups after ``block`` of ``model`` (stage
+    protocol at keep rate ``r``) for ``image`` (a ``[224, 224, 3]`` uint8 array)."""
     pixels = torch.tensor(image).permute(2, 0, 1).float()[None] / 127.5 - 1  # ViT's [-1, 1] normalisation
     pixels = pixels.to(next(model.parameters()).device)
     grid = model.config.image_size // model.config.patch_size
-    pictures = {}
+    groups = {}
     for method in methods:
         for r in keep_rates:
             sdmerge.apply(model, method, r=r)
             plan = vit_provenance_after(model, pixels, block)
-            pictures[method, r] = paint_groups(image, token_labels(plan, protected=1)[0], (grid, grid))
+            groups[method, r] = token_labels(plan, protected=1)[0], (grid, grid)
     sdmerge.remove(model)
-    return pictures
+    return groups
+
+
+def colour_error(image: np.ndarray, labels, grid) -> float:
+    """Mean absolute difference (colours in [0, 1]) between ``image`` and its groups' mean colours."""
+    return float(np.abs(paint_groups(image, labels, grid, border_color=None) - image / 255.0).mean())
+
+
+def colour_reading(groups: dict, image: np.ndarray, keep_rate: float) -> str:
+    """One sentence from the groups at ``keep_rate``: how far each method's group colours are from
+    the photograph, next to random groups of the same sizes (lower: groups follow the colours)."""
+    generator = torch.Generator().manual_seed(0)
+    parts, randoms = [], []
+    for (method, r), (labels, grid) in groups.items():
+        if r == keep_rate:
+            parts.append(f"{method} {colour_error(image, labels, grid):.3f}")
+            shuffled = labels.cpu()[torch.randperm(labels.numel(), generator=generator)]
+            randoms.append(colour_error(image, shuffled, grid))
+    return (f"Reading (measured in this run): mean colour error of the groups at r={keep_rate} (0: every group is "
+            f"one colour): {', '.join(parts)}; random groups of the same sizes: {np.mean(randoms):.3f}.")
 
 
 def sd_img2img_pipeline(model_path, quick: bool, device, dtype) -> StableDiffusionImg2ImgPipeline:
@@ -307,33 +326,40 @@ def prompt_embeddings(pipe, prompt: str, device, dtype) -> torch.Tensor:
 
 
 def sd_groups(pipe, image: np.ndarray, methods, keep_rates, block: str, embeddings, steps: int = 10,
-              strength: float = 0.1, border_color=None) -> dict:
-    """``{(method, r): painted}``: the plan ``block`` made at the first denoising step of an
-    img2img pipeline call on ``image`` (``steps * strength`` steps run; no guidance), painted
-    (without borders by default: groups of scattered tokens would be all border)."""
+              strength: float = 0.1) -> dict:
+    """``{(method, r): (labels [N], grid)}``: the plan ``block`` made at the first denoising step
+    of an img2img pipeline call on ``image`` (``steps * strength`` steps run; no guidance)."""
     from PIL import Image
 
-    pictures = {}
+    sdmerge.remove(pipe)
+    pixels = pipe.image_processor.preprocess(Image.fromarray(image)).to(pipe.device, pipe.vae.dtype)
+    with torch.no_grad():  # encoded once; img2img takes 4-channel images as latents
+        latents = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
+    groups = {}
     for method in methods:
         for r in keep_rates:
             sdmerge.apply(pipe, method, r=r, **({"use_rand": False} if method in ("tome", "cis") else {}))
             with record_plans(pipe, blocks=[block], steps=[0]) as plans:
-                pipe(prompt_embeds=embeddings, image=Image.fromarray(image), strength=strength,
-                     num_inference_steps=steps, guidance_scale=1.0, output_type="latent")
+                pipe(prompt_embeds=embeddings, image=latents, strength=strength, num_inference_steps=steps,
+                     guidance_scale=1.0, output_type="latent")
             recorded = plans[0, block]
-            pictures[method, r] = paint_groups(image, recorded.labels[0], recorded.grid, border_color=border_color)
+            groups[method, r] = recorded.labels[0], recorded.grid
     sdmerge.remove(pipe)
-    return pictures
+    return groups
 
 
-def plot_pictures(pictures: dict, image: np.ndarray, methods, keep_rates, title: str):
-    """The photograph, then one row per keep rate, one column per method."""
-    figure, axes = plt.subplots(len(keep_rates), len(methods) + 1, figsize=(2.2 * (len(methods) + 1), 2.6 * len(keep_rates)))
+def plot_pictures(groups: dict, image: np.ndarray, methods, keep_rates, title: str, border_color=(1.0, 1.0, 1.0)):
+    """The photograph, then one row per keep rate, one column per method: ``image`` painted by
+    each entry ``(labels, grid)`` of ``groups`` (``border_color=None``: no borders)."""
+    figure, axes = plt.subplots(
+        len(keep_rates), len(methods) + 1, figsize=(2.2 * (len(methods) + 1), 2.6 * len(keep_rates)), squeeze=False
+    )
     for row, r in enumerate(keep_rates):
         axes[row, 0].imshow(image)
         axes[row, 0].set_title("photograph", fontsize=9)
         for column, method in enumerate(methods, start=1):
-            axes[row, column].imshow(pictures[method, r])
+            labels, grid = groups[method, r]
+            axes[row, column].imshow(paint_groups(image, labels, grid, border_color=border_color))
             axes[row, column].set_title(f"{method}, r={r}", fontsize=9)
     for axis in axes.flat:
         axis.axis("off")
