@@ -8,6 +8,7 @@ root and ``scripts/`` first on ``sys.path``, so the notebooks run the checkout t
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -22,7 +23,6 @@ for _path in (ROOT / "scripts", ROOT):
 import diffusers  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import tomesd  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel  # noqa: E402
@@ -58,7 +58,7 @@ def print_environment(device: torch.device, dtype: torch.dtype, unet=None) -> No
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
-        "tomesd": getattr(tomesd, "__version__", "0.1.3 (no __version__ attribute)"),
+        "tomesd": importlib.metadata.version("tomesd"),
         "sdmerge": sdmerge.__version__,
         "load average (1, 5, 15 min)": os.getloadavg(),
     }
