@@ -1,12 +1,32 @@
-"""ATC: identical partitions to scipy's linkage + fcluster on the same float64 distances."""
+"""ATC: identical partitions to scipy's linkage + fcluster on the same float64 distances, on both
+clustering paths; the accelerator path's operation and synchronisation counts per round; the
+memory check; bad arguments."""
 
 import numpy as np
 import pytest
 import torch
 
+import sdmerge.core.agglomerative as agglomerative
+from eval.dispatch_counts import count_dispatches
 from sdmerge import cluster
 from sdmerge.core import LINKAGES, agglomerative_clustering, cosine_distances
+from sdmerge.core.agglomerative import ClusteringMemoryError, agglomerative_labels, cluster_with_rounds
+from sdmerge.core.rnn_rounds import ROUND_RANGE
 from tests.helpers import canonical, clustered_metric, scipy_partition
+
+PATHS = ("cpu", "accelerator")
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Run the test on each path: ``cluster``'s default (``"auto"``) is replaced by the path."""
+    original = agglomerative.cluster_with_rounds
+
+    def forced(metric, k, linkage="average", *, path="auto"):
+        return original(metric, k, linkage, path=request.param if path == "auto" else path)
+
+    monkeypatch.setattr(agglomerative, "cluster_with_rounds", forced)
+    return request.param
 
 
 def assert_matches_scipy(metric, k, method):
@@ -19,34 +39,34 @@ def assert_matches_scipy(metric, k, method):
 
 @pytest.mark.parametrize("method", LINKAGES)
 @pytest.mark.parametrize("tokens, batch", [(7, 3), (64, 2), (197, 3)])
-def test_random_inputs_match_scipy_for_every_k(method, tokens, batch):
+def test_random_inputs_match_scipy_for_every_k(method, tokens, batch, path):
     metric = torch.randn(batch, tokens, 16, generator=torch.Generator().manual_seed(tokens))
     for k in sorted({1, 2, tokens // 4, tokens // 2, (7 * tokens) // 10, tokens - 1, tokens}):
         assert_matches_scipy(metric, max(k, 1), method)
 
 
 @pytest.mark.parametrize("method", LINKAGES)
-def test_clustered_inputs_match_scipy(method):
+def test_clustered_inputs_match_scipy(method, path):
     metric = clustered_metric(batch=2, tokens=300, dim=24, centers=12, seed=1)
     for k in (5, 12, 40, 150):
         assert_matches_scipy(metric, k, method)
 
 
 @pytest.mark.parametrize("method", LINKAGES)
-def test_1024_tokens_match_scipy(method):
+def test_1024_tokens_match_scipy(method, path):
     metric = torch.randn(2, 1024, 64, generator=torch.Generator().manual_seed(3))
     for keep in (0.7, 0.4):
         assert_matches_scipy(metric, int(1024 * keep), method)
 
 
 @pytest.mark.parametrize("method", LINKAGES)
-def test_4096_tokens_match_scipy(method):
+def test_4096_tokens_match_scipy(method, path):
     """Stable Diffusion's token count at 512x512 (SD-1.5 top level), batch 2."""
     metric = clustered_metric(batch=2, tokens=4096, dim=32, centers=64, seed=4)
     assert_matches_scipy(metric, int(4096 * 0.4), method)
 
 
-def test_float16_metric_clusters_like_its_float32_copy():
+def test_float16_metric_clusters_like_its_float32_copy(path):
     metric = torch.randn(2, 128, 32, generator=torch.Generator().manual_seed(5)).half()
     for method in LINKAGES:
         assert_matches_scipy(metric, 50, method)
@@ -54,7 +74,7 @@ def test_float16_metric_clusters_like_its_float32_copy():
 
 
 @pytest.mark.parametrize("method", LINKAGES)
-def test_exact_ties_still_give_exactly_k_clusters(method):
+def test_exact_ties_still_give_exactly_k_clusters(method, path):
     """One-hot tokens repeated: distances are exactly 0 or 1, so merges tie massively; the only
     valid partition into as many clusters as distinct tokens groups the repeats."""
     g = torch.Generator().manual_seed(6)
@@ -80,14 +100,14 @@ def test_cosine_distances_are_symmetric_with_zero_diagonal():
     torch.testing.assert_close(d[:, off_diagonal], direct[:, off_diagonal], atol=1e-6, rtol=0)
 
 
-def test_a_metric_that_requires_grad_is_accepted():
+def test_a_metric_that_requires_grad_is_accepted(path):
     metric = torch.randn(2, 40, 8, requires_grad=True)
     assert cosine_distances(metric).requires_grad is False
     assert torch.equal(cluster(metric, 10), cluster(metric.detach(), 10))
 
 
 @pytest.mark.parametrize("method", LINKAGES)
-def test_protected_tokens_are_excluded(method):
+def test_protected_tokens_are_excluded(method, path):
     metric = clustered_metric(batch=3, tokens=66, dim=12, centers=5, seed=8)
     plan = agglomerative_clustering(metric, remove=40, linkage=method, protected=2)
     assert plan.num_groups == 26
@@ -109,3 +129,86 @@ def test_bad_requests_raise_clear_errors():
         cluster(metric[0], 3)
     with pytest.raises(ValueError, match="can remove at most 7 of 10 tokens"):
         agglomerative_clustering(metric, remove=8, protected=2)
+
+
+def test_both_paths_give_the_same_labels_and_rounds_on_any_device():
+    metric = clustered_metric(batch=2, tokens=257, dim=16, centers=9, seed=9)
+    for method in LINKAGES:
+        (cpu, cpu_rounds), (accelerator, accelerator_rounds) = (
+            cluster_with_rounds(metric, 90, method, path=path) for path in PATHS
+        )
+        assert torch.equal(cpu, accelerator) and cpu_rounds == accelerator_rounds
+        assert torch.equal(cluster(metric, 90, method, path="auto"), cpu)  # CPU tensors: "cpu"
+        for path in PATHS:  # from a distance matrix
+            labels = agglomerative_labels(cosine_distances(metric), 90, method, path=path)
+            assert torch.equal(labels, cpu)
+
+
+@pytest.mark.parametrize("method", LINKAGES)
+def test_accelerator_path_dispatch_bounds_per_round(method):
+    """At most 100 aten operations and 2 host synchronisations per merge round on the
+    accelerator path (counted on the CPU: the counts are the same on any device)."""
+    metric = clustered_metric(batch=2, tokens=1024, dim=32, centers=40, seed=10)
+    counts = count_dispatches(lambda: cluster_with_rounds(metric, 410, method, path="accelerator"), ROUND_RANGE)
+    labels, rounds = counts.result
+    assert counts.ranges == rounds + 1  # the last range finds no pair
+    assert rounds >= 3
+    operations, synchronisations = counts.per_range()
+    assert operations <= 100, (method, operations)
+    assert synchronisations <= 2, (method, synchronisations)
+    for got, want in zip(labels, scipy_partition(metric, 410, method)):
+        np.testing.assert_array_equal(canonical(got), want)
+    # Outside the rounds (distances, set-up, the cut): no synchronisation at all.
+    assert counts.host_syncs == counts.host_syncs_within
+
+
+def test_bad_path_is_rejected():
+    metric = torch.randn(1, 10, 4)
+    with pytest.raises(ValueError, match="unknown clustering path 'gpu'; allowed: auto, cpu, accelerator"):
+        cluster(metric, 3, path="gpu")
+    with pytest.raises(ValueError, match="unknown clustering path 'gpu'"):
+        agglomerative_clustering(metric, remove=3, path="gpu")
+
+
+@pytest.mark.parametrize("k", [1.5, 3.0, True, "3", None])
+def test_k_must_be_an_int(k):
+    with pytest.raises(TypeError, match=f"k={k!r} must be an int"):
+        cluster(torch.randn(1, 10, 4), k)
+
+
+def test_numpy_and_python_ints_are_accepted_for_k():
+    metric = torch.randn(2, 30, 4, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(cluster(metric, np.int64(7)), cluster(metric, 7))
+
+
+def test_memory_check_raises_before_allocating(monkeypatch):
+    """A matrix that does not fit: a clear error, raised before the distance matrix exists."""
+    monkeypatch.setattr(agglomerative, "available_bytes", lambda device: 10**9)
+    allocated = []
+    monkeypatch.setattr(agglomerative, "cosine_distances", lambda *args: allocated.append(args))
+    metric = torch.randn(2, 16384, 8)
+    with pytest.raises(ClusteringMemoryError) as error:
+        cluster(metric, 100)
+    message = str(error.value)
+    for part in ("16384 tokens", "batch 2", "8.00 GiB", "0.93 GiB", "smaller batch", "'tome'", "max_downsample"):
+        assert part in message, (part, message)
+    assert isinstance(error.value, MemoryError) and not allocated
+    assert agglomerative.clustering_bytes(2, 16384, torch.float64) == 2 * 2 * 16384 * 16384 * 8
+    # Single and complete linkage store float32: half the bytes.
+    assert agglomerative.clustering_bytes(2, 16384, torch.float32) == 2 * 2 * 16384 * 16384 * 4
+
+
+def test_memory_check_passes_when_it_fits_or_cannot_be_told(monkeypatch):
+    metric = torch.randn(1, 50, 4, generator=torch.Generator().manual_seed(12))
+    expected = cluster(metric, 20)
+    for available in (None, agglomerative.clustering_bytes(1, 50, torch.float64)):
+        monkeypatch.setattr(agglomerative, "available_bytes", lambda device, value=available: value)
+        assert torch.equal(cluster(metric, 20), expected)
+
+
+def test_host_memory_is_reported():
+    from sdmerge.core.device_memory import available_bytes
+
+    free = available_bytes(torch.device("cpu"))
+    assert free is None or free > 0
+    assert available_bytes(torch.device("meta")) is None

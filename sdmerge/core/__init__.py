@@ -4,7 +4,7 @@ Every tensor is batched: tokens ``x: [B, N, C]``, similarity metric ``[B, N, D]`
 ``sizes`` / ``weights`` / ``importance``: ``[B, N]``.
 """
 
-from .agglomerative import LINKAGES, agglomerative_clustering, cluster, cosine_distances
+from .agglomerative import LINKAGES, ClusteringMemoryError, agglomerative_clustering, cluster, cosine_distances
 from .attention import proportional_attention_bias
 from .bipartite import alternating_split, bipartite_soft_matching, random_2d_split
 from .crucial import crucial_token_merging
@@ -14,6 +14,7 @@ from .pruning import evit_fusion, top_k_pruning
 
 __all__ = [
     "LINKAGES",
+    "ClusteringMemoryError",
     "MergePlan",
     "agglomerative_clustering",
     "alternating_split",
