@@ -191,32 +191,40 @@ def speedup_reading(rows, x: str, what: str) -> str:
 
 
 def clustering_rows(tokens, batch: int, keep: float, linkages, dim: int, repeats: int, device) -> list[dict]:
-    """``bench_clustering.run_case`` for every N and linkage (partitions checked against scipy)."""
+    """``bench_clustering.run_case`` for every N and linkage: one row per sdmerge clustering path
+    (``bench_clustering.PATHS``), each timed next to the authors' path, partitions checked against scipy."""
     return [
-        bench_clustering.run_case(n, batch, keep, linkage, dim, repeats, device) for linkage in linkages for n in tokens
+        row
+        for linkage in linkages
+        for n in tokens
+        for row in bench_clustering.run_case(n, batch, keep, linkage, dim, repeats, device, bench_clustering.PATHS)
     ]
 
 
 def clustering_reading(rows) -> str:
     largest = max(row["N"] for row in rows)
-    at_largest = ", ".join(f"{r['linkage']} {r['speedup']:.2f}x" for r in rows if r["N"] == largest)
+    at_largest = ", ".join(f"{r['linkage']} ({r['path']} path) {r['speedup']:.2f}x" for r in rows if r["N"] == largest)
     equal = sum(row["same_as_scipy"] for row in rows)
-    return (f"Reading (measured in this run): at N={largest} sdmerge is {at_largest} as fast as the authors' path "
-            f"(> 1: faster); {equal} of {len(rows)} partitions equal scipy's.")
+    return (f"Reading (measured in this run): at N={largest} sdmerge runs at {at_largest} the speed of the authors' "
+            f"path (> 1: faster); {equal} of {len(rows)} partitions equal scipy's.")
 
 
 def plot_clustering(rows):
     figure, axis = plt.subplots(figsize=(6.4, 4))
     for linkage in dict.fromkeys(row["linkage"] for row in rows):
         chosen = [row for row in rows if row["linkage"] == linkage]
-        line = axis.plot([r["N"] for r in chosen], [r["sdmerge_ms"] for r in chosen], marker="o",
-                         label=f"sdmerge {linkage}")
-        axis.plot([r["N"] for r in chosen], [r["authors_ms"] for r in chosen], marker="x", linestyle="--",
-                  color=line[0].get_color(), label=f"authors (scipy) {linkage}")
+        color = None
+        for path in dict.fromkeys(row["path"] for row in chosen):
+            on_path = [row for row in chosen if row["path"] == path]
+            line = axis.plot([r["N"] for r in on_path], [r["sdmerge_ms"] for r in on_path], color=color,
+                             marker="o" if color is None else "s", label=f"sdmerge {linkage}, {path} path")
+            color = line[0].get_color()
+        authors = sorted({(r["N"], r["authors_ms"]) for r in chosen if r["path"] == chosen[0]["path"]})
+        axis.plot(*zip(*authors), marker="x", linestyle="--", color=color, label=f"authors (scipy) {linkage}")
     axis.set(xscale="log", yscale="log", xlabel="tokens N", ylabel="ms per call (batch of samples)",
              title="Exact ATC clustering: sdmerge vs the authors' path")
     axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7)
     return figure
 
 
