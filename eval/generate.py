@@ -79,7 +79,8 @@ class ImageMaker:
     Bipartite methods (tome, cis) draw their random source/destination split from a generator
     that sdmerge re-seeds at every UNet call from ``(seed, timestep)``; the item's own seed is
     passed, so the splits of an image do not depend on which images came before it. The other
-    methods are deterministic and take no seed.
+    methods are deterministic and take no seed. The arm's plan reuse (``plan_every``,
+    ``share_plans``) is passed as it is.
     """
 
     def __init__(self, pipe, settings: GenerationSettings, device: torch.device):
@@ -92,7 +93,14 @@ class ImageMaker:
         arm = item.arm
         if arm.method is not None:
             seeded = get_method(arm.method, "sd").needs_split
-            sdmerge.apply(self.pipe, arm.method, arm.keep_rate, **({"seed": item.seed} if seeded else {}))
+            sdmerge.apply(
+                self.pipe,
+                arm.method,
+                arm.keep_rate,
+                plan_every=arm.plan_every,
+                share_plans=arm.share_plans,
+                **({"seed": item.seed} if seeded else {}),
+            )
         try:
             noise = torch.Generator("cpu").manual_seed(item.seed)
             self._synchronize()

@@ -1,8 +1,9 @@
 """The sweep's result files: ``results.csv``, ``results.md``, the plot and the image grid.
 
-``results.md`` has the shape of the ATC paper's Table 2: one row per method, one column per
-keep rate in percent, the unpatched model's FID in the 100 column of every row; the best
-(lowest) value of every column in bold, the best of every row underlined. A second table
+``results.md`` has the shape of the ATC paper's Table 2: one row per method (and plan-reuse
+setting: ``atc_average_shared_every5`` is a row of its own), one column per keep rate in
+percent, the unpatched model's FID in the 100 column of every row; the best (lowest) value of
+every column in bold, the best of every row underlined. A second table
 gives seconds per image and the speed-up over the unpatched model in the same shape.
 """
 
@@ -24,6 +25,8 @@ CSV_COLUMNS = [
     "arm",
     "method",
     "keep_rate",
+    "plan_every",
+    "share_plans",
     "fid",
     "images",
     "seconds_per_image",
@@ -73,6 +76,8 @@ def write_csv(path: Path, results: Sequence[ArmResult], provenance: dict) -> Non
             r.arm.name,
             r.arm.method or "",
             r.arm.keep_rate,
+            r.arm.plan_every,
+            r.arm.share_plans,
             r.fid,
             r.images,
             r.seconds_per_image,
@@ -93,7 +98,7 @@ def _table(
     baseline, patched = results[0], results[1:]
     rows: dict[str, dict[float, ArmResult]] = {}
     for r in patched:
-        rows.setdefault(r.arm.method, {1.0: baseline})[r.arm.keep_rate] = r
+        rows.setdefault(r.arm.row, {1.0: baseline})[r.arm.keep_rate] = r
     if not rows:
         rows = {baseline.arm.name: {1.0: baseline}}
     rates = sorted({rate for row in rows.values() for rate in row}, reverse=True)
@@ -146,9 +151,9 @@ def write_markdown(path: Path, results: Sequence[ArmResult], provenance: dict, n
 
 
 def write_plot(path: Path, results: Sequence[ArmResult]) -> bool:
-    """FID and seconds per image against keep rate, one line per method starting from the unpatched
-    model at 100% (as Table 2's rows), which is also drawn dashed. Returns False (nothing written)
-    when matplotlib is not installed."""
+    """FID and seconds per image against keep rate, one line per row (method and plan reuse)
+    starting from the unpatched model at 100% (as Table 2's rows), which is also drawn dashed.
+    Returns False (nothing written) when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -164,11 +169,11 @@ def write_plot(path: Path, results: Sequence[ArmResult]) -> bool:
     ):
         if value(baseline) is not None:
             axis.axhline(value(baseline), color="black", linestyle="--", label="unpatched")
-        for method in dict.fromkeys(r.arm.method for r in patched):
-            arms = [baseline] + [r for r in patched if r.arm.method == method]
+        for row in dict.fromkeys(r.arm.row for r in patched):
+            arms = [baseline] + [r for r in patched if r.arm.row == row]
             points = sorted((r.arm.keep_rate * 100, value(r)) for r in arms if value(r) is not None)
             if points:
-                axis.plot(*zip(*points, strict=True), marker="o", label=method)
+                axis.plot(*zip(*points, strict=True), marker="o", label=row)
         axis.set_xlabel("keep rate r (%)")
         axis.set_ylabel(label)
         axis.invert_xaxis()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -69,6 +69,8 @@ class SweepConfig:
     smoke: bool = False
     base_seed: int = 0
     reference_per_class: int = PER_CLASS
+    plan_every: list[int] = field(default_factory=lambda: [1])  # sdmerge's plan reuse, one arm per value
+    share_plans: list[bool] = field(default_factory=lambda: [False])
 
 
 def run(config: SweepConfig, log: Callable[[str], None] = print) -> list[report.ArmResult] | None:
@@ -90,7 +92,7 @@ def run(config: SweepConfig, log: Callable[[str], None] = print) -> list[report.
 def _run(config: SweepConfig, log: Callable[[str], None]) -> list[report.ArmResult] | None:
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
     dtype = torch.float16 if state.device.type == "cuda" else torch.float32
-    arms = make_arms(config.methods, config.keep_rates)
+    arms = make_arms(config.methods, config.keep_rates, config.plan_every, config.share_plans)
     items = make_work_list(arms, config.classes, config.images_per_class, config.base_seed)
     if config.smoke:
         log(SMOKE_WARNING)

@@ -45,8 +45,9 @@ the same repetition) with their range, the plan share, and the plans computed pe
 Importable (``scripts/`` on ``sys.path``, ``import bench_unet``); stable names: :func:`load_unet`,
 :func:`settings` / :func:`run_resolution` / :func:`markdown` (step mode),
 :func:`generation_settings` / :func:`pndm_timesteps` / :func:`time_generation` /
-:func:`run_generation` / :func:`generation_markdown` (generation mode), :class:`Setting`,
-:class:`OverheadTimer`.
+:func:`run_generation` / :func:`generation_markdown` (generation mode), :func:`make_inputs`,
+:func:`paired_ratio`, :class:`Setting`, :class:`OverheadTimer`. ``run_resolution`` and
+``run_generation`` take ``batch`` for other sizes than :data:`RESOLUTIONS` (tests: tiny UNets).
 
 Weights: random, from SD-1.5's UNet config (no download), unless ``--unet`` names a local
 diffusers UNet directory or a pipeline directory (loaded with ``from_pretrained``).
@@ -140,6 +141,7 @@ METHODS = ("tome", "atc_average", "cis")
 
 
 def settings(methods=METHODS, keep_rates=(0.5, 0.4)) -> list[Setting]:
+    """The arms of the step mode: unpatched, then per keep rate tomesd and every sdmerge method."""
     out = [Setting("unpatched", "none")]
     for keep_rate in keep_rates:
         out.append(Setting(f"tomesd ratio={1 - keep_rate:.1f}", "tomesd", "tome", keep_rate))
@@ -277,17 +279,30 @@ def time_step(unet, setting: Setting, inputs, device: torch.device, timer: Overh
     return timer.clock() - start
 
 
-def run_resolution(
-    unet, side: int, repetitions: int, dtype, device, clock=time.perf_counter, methods=METHODS,
-    keep_rates=(0.5, 0.4), batch: int | None = None,
-) -> list[Setting]:
-    """Time every setting at ``side`` x ``side`` (batch: ``RESOLUTIONS[side]`` unless given)."""
-    batch = RESOLUTIONS[side] if batch is None else batch
+def make_inputs(unet, side: int, batch: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(noise [batch, 4, side / 8, side / 8], prompt embeddings [batch, 77, C])``, seeded by ``side``."""
     generator = torch.Generator().manual_seed(side)
     latent = side // 8
     sample = torch.randn(batch, 4, latent, latent, generator=generator).to(device=device, dtype=dtype)
     context = torch.randn(batch, PROMPT_TOKENS, unet.config.cross_attention_dim, generator=generator)
-    inputs = (sample, context.to(device=device, dtype=dtype))
+    return sample, context.to(device=device, dtype=dtype)
+
+
+def run_resolution(
+    unet,
+    side: int,
+    repetitions: int,
+    dtype,
+    device,
+    clock=time.perf_counter,
+    methods=METHODS,
+    keep_rates=(0.5, 0.4),
+    batch: int | None = None,
+) -> list[Setting]:
+    """Time one UNet call at ``side x side`` pixels for every setting of :func:`settings`,
+    interleaved, once per repetition after one untimed unpatched call. ``batch``: the UNet batch
+    (default :data:`RESOLUTIONS`). Returns the settings with their times."""
+    inputs = make_inputs(unet, side, RESOLUTIONS[side] if batch is None else batch, dtype, device)
     table = settings(methods, keep_rates)
     timer = OverheadTimer(device, clock)
     with torch.no_grad(), timer.installed():
@@ -310,7 +325,7 @@ def paired_ratio(ours: list[float], theirs: list[float]) -> str:
     return f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
 
 
-def markdown(side: int, table: list[Setting], clock: str) -> str:
+def markdown(side: int, table: list[Setting], clock: str, batch: int | None = None) -> str:
     base = statistics.median(table[0].times)
     tomesd_runs = {s.keep_rate: s for s in table if s.library == "tomesd"}
 
@@ -318,7 +333,8 @@ def markdown(side: int, table: list[Setting], clock: str) -> str:
         return f"{100 * statistics.median(t / step for t, step in zip(times, setting.times)):.1f}%"
 
     lines = [
-        f"| {side}x{side}, batch {RESOLUTIONS[side]} | median {clock} s/step | vs unpatched "
+        f"| {side}x{side}, batch {RESOLUTIONS[side] if batch is None else batch} | median {clock} s/step "
+        "| vs unpatched "
         "| sdmerge tome / tomesd: step (range) | plan share | merge/unmerge share "
         "| sdmerge tome / tomesd: added work (range) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -381,13 +397,8 @@ def run_generation(
     for every setting of ``table`` (default :func:`generation_settings`), interleaved, once per
     repetition after one untimed unpatched call. ``batch``: the UNet batch (default
     :data:`RESOLUTIONS`). Returns the settings with their times."""
-    batch = RESOLUTIONS[side] if batch is None else batch
     pndm_timesteps(calls)  # checks calls
-    generator = torch.Generator().manual_seed(side)
-    latent = side // 8
-    sample = torch.randn(batch, 4, latent, latent, generator=generator).to(device=device, dtype=dtype)
-    context = torch.randn(batch, PROMPT_TOKENS, unet.config.cross_attention_dim, generator=generator)
-    inputs = (sample, context.to(device=device, dtype=dtype))
+    inputs = make_inputs(unet, side, RESOLUTIONS[side] if batch is None else batch, dtype, device)
     table = generation_settings() if table is None else table
     timer = OverheadTimer(device, clock)
     with torch.no_grad(), timer.installed():

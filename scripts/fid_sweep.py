@@ -30,6 +30,8 @@ PRESETS = {
         model="stable-diffusion-v1-5/stable-diffusion-v1-5",
         methods="tome,atc_single,atc_average,atc_complete,cis",
         keep_rates="0.9,0.8,0.7,0.6,0.5,0.4",
+        plan_every="1",
+        share_plans="false",
         classes="0-999",
         images_per_class=2,
         steps=50,
@@ -40,6 +42,8 @@ PRESETS = {
     "smoke": dict(
         methods="tome,atc_average",
         keep_rates="0.5",
+        plan_every="1",
+        share_plans="false",
         classes="1,7,18,207,417,980",
         images_per_class=2,
         steps=3,
@@ -84,6 +88,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated methods, or 'none' for the unpatched model only {preset_defaults('methods')}",
     )
     add("--keep-rates", help=f"comma-separated keep rates in (0, 1] {preset_defaults('keep_rates')}")
+    add(
+        "--plan-every",
+        help="comma-separated plan_every values of sdmerge.apply, whole numbers >= 1 (1: new plans at every "
+        f"UNet call, as the papers) {preset_defaults('plan_every')}",
+    )
+    add(
+        "--share-plans",
+        help="comma-separated share_plans values of sdmerge.apply, true/false (false: one plan per block, as the "
+        f"papers) {preset_defaults('share_plans')}",
+    )
     add("--classes", help=f"class indices and inclusive ranges {preset_defaults('classes')}")
     add("--images-per-class", type=int, help=f"1..10 {preset_defaults('images_per_class')}")
     add("--steps", type=int, help=f"denoising steps {preset_defaults('steps')}")
@@ -112,6 +126,16 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         raise UserError(
             f"--keep-rates {args.keep_rates!r}: expected comma-separated numbers in (0, 1], e.g. 0.9,0.5"
         ) from None
+    try:
+        plan_every = [int(k) for k in args.plan_every.split(",")]
+    except ValueError:
+        raise UserError(
+            f"--plan-every {args.plan_every!r}: expected comma-separated whole numbers >= 1, e.g. 1,5"
+        ) from None
+    booleans = {"true": True, "false": False}
+    share_plans = [booleans.get(value.strip().lower()) for value in args.share_plans.split(",")]
+    if None in share_plans:
+        raise UserError(f"--share-plans {args.share_plans!r}: expected comma-separated true/false, e.g. false,true")
     if args.steps < 1:
         raise UserError(f"--steps {args.steps}: must be at least 1")
     if args.resolution < 8 or args.resolution % 8:
@@ -123,6 +147,8 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         model=str(output / "smoke_model") if smoke else args.model,
         methods=methods,
         keep_rates=keep_rates,
+        plan_every=plan_every,
+        share_plans=share_plans,
         classes=parse_class_selection(args.classes),
         images_per_class=args.images_per_class,
         generation=GenerationSettings(args.steps, args.guidance_scale, args.resolution),

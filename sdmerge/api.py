@@ -36,7 +36,7 @@ def apply(model, method: str = "tome", r: float | None = None, **options):
 
     ``r`` is the fraction of tokens kept, ``0 < r <= 1``; ``None`` takes the family's default
     (0.5). Options depend on the model family: Stable Diffusion ``max_downsample``, ``sx``,
-    ``sy``, ``use_rand``, ``seed`` (``docs/stable_diffusion.md``); ViT/DeiT ``stages``,
+    ``sy``, ``use_rand``, ``seed``, ``plan_every``, ``share_plans`` (``docs/stable_diffusion.md``); ViT/DeiT ``stages``,
     ``tokens_per_block``, ``schedule``, ``prop_attn``, ``cis_score`` (``docs/vit.md``).
     """
     integration = _integration_for(model)

@@ -8,7 +8,9 @@ computes it less often, at the price of merging tokens with a plan made from old
 
 - ``share_plans``: the key of a plan is the resolution level instead of the block, so the
   first merged block of a level that runs in a UNet call computes it (from its own input) and
-  the other merged blocks of that level reuse it in the same call, the up path included.
+  the other merged blocks of that level reuse it in the same call, the up path included. The
+  blocks of a level are those whose tokens have the same count ``N`` in the call (the level's
+  token grid; every downsampling lowers the count of a grid of more than one token).
 - ``plan_every=k``: *steps* are counted from the start of a generation, one per distinct
   timestep (the UNet calls at one timestep, e.g. the two halves of classifier-free guidance run
   separately, are *slots* of one step). Steps ``0, k, 2k, ...`` are *plan steps*: every call
@@ -34,13 +36,13 @@ Plan = TypeVar("Plan")
 @dataclass
 class _Cached(Generic[Plan]):
     plan: Plan
-    shape: tuple[int, ...]  # (B, N) of the tokens it was computed for
+    shape: tuple[int, int]  # (B, N) of the tokens it was computed for
     call: int  # the UNet call that computed it
 
 
 @dataclass
 class _Entry(Generic[Plan]):
-    step: int  # the plan step whose slots it holds
+    step: int  # the step it was started at: a plan step, or the first step that asked for the key
     by_slot: dict[int, _Cached[Plan]] = field(default_factory=dict)
     latest: _Cached[Plan] | None = None
 
@@ -50,7 +52,7 @@ class PlanReuse(Generic[Plan]):
 
     Args:
         plan_every: ``k >= 1``; plans are computed at every ``k``-th step of a generation.
-        share_plans: one plan per key per UNet call (keys are levels), instead of per block.
+        share_plans: one plan per level (token count) per UNet call, instead of per block.
     With ``plan_every=1`` and ``share_plans=False`` every request computes a new plan and
     nothing is kept.
     """
@@ -99,13 +101,13 @@ class PlanReuse(Generic[Plan]):
             self._step += 1
         self._timestep = timestep
 
-    def plan(self, block: Hashable, level: int, shape: tuple[int, ...], compute: Callable[[], Plan]) -> Plan:
-        """The plan of ``block`` (at resolution ``level``) for tokens of ``shape`` ``(B, N)``:
-        reused when the rules allow it, else ``compute()``, kept for reuse."""
+    def plan(self, block: Hashable, shape: tuple[int, int], compute: Callable[[], Plan]) -> Plan:
+        """The plan of ``block`` for tokens of ``shape`` ``(B, N)``: reused when the rules allow
+        it, else ``compute()``, kept for reuse."""
         if not self.enabled:
             return compute()
         shape = tuple(shape)
-        key = ("level", level) if self.share_plans else ("block", block)
+        key = ("level", shape[1]) if self.share_plans else ("block", block)
         entry = self._entries.get(key)
         cached = self._reusable(entry, shape)
         if cached is not None:
@@ -116,7 +118,7 @@ class PlanReuse(Generic[Plan]):
         entry.by_slot[self._slot] = entry.latest = _Cached(plan, shape, self._call)
         return plan
 
-    def _reusable(self, entry: _Entry[Plan] | None, shape: tuple[int, ...]) -> _Cached[Plan] | None:
+    def _reusable(self, entry: _Entry[Plan] | None, shape: tuple[int, int]) -> _Cached[Plan] | None:
         if entry is None:
             return None
         if self.is_plan_step:  # only what this call computed for the key (share_plans)

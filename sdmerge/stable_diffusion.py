@@ -276,9 +276,10 @@ class MergeState:
     block: see :class:`MergedBlock`. Which plans are computed and which reused:
     :class:`~sdmerge.plan_reuse.PlanReuse` (``plans``).
 
-    Generation boundaries (``cis``, ``crucial``): a UNet call starts a new generation when its
-    timestep is larger than the previous call's, or the shape of its ``sample`` differs; the
-    prompt attention mass of the previous call is then forgotten.
+    Generation boundaries (``cis``, ``crucial``, ``plan_every > 1``): a UNet call starts a new
+    generation when its timestep is larger than the previous call's, or the shape of its
+    ``sample`` differs; the prompt attention mass of the previous call is then forgotten, and
+    new plans are computed.
     """
 
     def __init__(self, unet: UNet2DConditionModel, config: MergeConfig):
@@ -286,7 +287,7 @@ class MergeState:
         self.config = config
         self.method: Method = get_method(config.method, "sd")
         self.randomness = SplitRandomness(config.use_rand, config.seed)
-        self.plans: PlanReuse[tuple[MergePlan, Tensor | None] | None] = PlanReuse(config.plan_every, config.share_plans)
+        self.plans: PlanReuse[tuple[MergePlan, Tensor | None]] = PlanReuse(config.plan_every, config.share_plans)
         self.blocks = [
             MergedBlock(name, block, level, self) for name, block, level in blocks_to_merge(unet, config.max_downsample)
         ]
@@ -342,17 +343,17 @@ class MergeState:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        if not self.reads_timestep:
+        if self.reads_timestep:
+            timestep = float(torch.as_tensor(kwargs["timestep"] if "timestep" in kwargs else args[1]).flatten()[0])
+            starts_generation = self._starts_generation(timestep, sample.shape)
+            if starts_generation:
+                for block in self.blocks:
+                    block.cross_attention_mass = None
+            self._previous_call = (timestep, sample.shape)
+            self.randomness.start_call(timestep)
+            self.plans.start_call(timestep, starts_generation)
+        else:
             self.plans.start_call()
-            return
-        timestep = float(torch.as_tensor(kwargs["timestep"] if "timestep" in kwargs else args[1]).flatten()[0])
-        starts_generation = self._starts_generation(timestep, sample.shape)
-        if starts_generation:
-            for block in self.blocks:
-                block.cross_attention_mass = None
-        self._previous_call = (timestep, sample.shape)
-        self.randomness.start_call(timestep)
-        self.plans.start_call(timestep, starts_generation)
 
     def _starts_generation(self, timestep: float, shape: torch.Size) -> bool:
         """A call starts a generation when its timestep is larger than the previous call's (the
@@ -442,7 +443,7 @@ class MergedBlock:
         if remove == 0:
             return None
         merge = self.state.plans.plan(
-            self.name, self.level, hidden_states.shape[:2], lambda: self._new_plan(attn, metric, hidden_states, remove)
+            self.name, hidden_states.shape[:2], lambda: self._new_plan(attn, metric, hidden_states, remove)
         )
         if self.observer is not None and merge is not None:
             self.observer(self, merge[0])

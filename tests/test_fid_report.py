@@ -64,6 +64,31 @@ def test_csv_has_one_row_per_arm_with_provenance(tmp_path):
         report.write_csv(tmp_path / "bad.csv", results, {"fid": "a provenance field named like a column"})
 
 
+def test_plan_reuse_settings_are_rows_of_their_own_and_columns_of_the_csv(tmp_path):
+    arms = make_arms(["atc_average"], [0.9, 0.5], plan_every=[1, 5], share_plans=[False, True])
+    fids = {a.name: 30.0 + i for i, a in enumerate(arms)}
+    results = [ArmResult(a, fids[a.name], 20, 1.0 + i / 10, 0.01, 20, "cpu") for i, a in enumerate(arms)]
+    report.write_markdown(tmp_path / "r.md", results, {}, [])
+    table = (tmp_path / "r.md").read_text().split("## FID (lower is better)\n\n")[1].split("\n\n")[0].splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == [
+        "| atc_average",
+        "| atc_average_shared",
+        "| atc_average_every5",
+        "| atc_average_shared_every5",
+    ]
+    assert table[5] == "| atc_average_shared_every5 | <u>**30.00**</u> | 37.00 | 38.00 |"
+    report.write_csv(tmp_path / "r.csv", results, {})
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert [(r["arm"], r["plan_every"], r["share_plans"]) for r in rows[::2]] == [
+        ("baseline", "1", "False"),
+        ("atc_average_r0.5", "1", "False"),
+        ("atc_average_r0.5_shared", "1", "True"),
+        ("atc_average_r0.5_every5", "5", "False"),
+        ("atc_average_r0.5_shared_every5", "5", "True"),
+    ]
+    assert report.write_plot(tmp_path / "plot.png", results)
+
+
 def test_plot_is_written_with_matplotlib_and_skipped_without(tmp_path, monkeypatch):
     """matplotlib is in the dev extra (for this test); users without the plots extra get no plot."""
     results = results_for(FIDS, SECONDS)

@@ -113,6 +113,28 @@ def test_killed_sweep_resumes_to_the_uninterrupted_result(tmp_path):
         )
 
 
+def test_plan_reuse_arms_are_added_to_a_sweep_made_without_them(tmp_path):
+    """A sweep from before the reuse options has the arms without reuse (same names, same images):
+    adding --plan-every / --share-plans makes only the new arms, and results.csv records them."""
+    out = tmp_path / "out"
+    tiny = ["--preset", "smoke", "--methods", "tome", "--classes", "18,207", "--images-per-class", "1"]
+    tiny += ["--output", str(out)]
+    assert cli.main(tiny) == 0
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "images").glob("*/*.png")}
+    assert sorted(p.parent.name for p in before) == ["baseline", "baseline", "tome_r0.5", "tome_r0.5"]
+    assert cli.main(tiny + ["--plan-every", "1,2", "--share-plans", "false,true"]) == 0
+    assert all((p.read_bytes(), p.stat().st_mtime_ns) == made for p, made in before.items())  # not made again
+    rows = read_results(out)
+    assert [(r["arm"], r["plan_every"], r["share_plans"]) for r in rows] == [
+        ("baseline", "1", "False"),
+        ("tome_r0.5", "1", "False"),
+        ("tome_r0.5_shared", "1", "True"),
+        ("tome_r0.5_every2", "2", "False"),
+        ("tome_r0.5_shared_every2", "2", "True"),
+    ]
+    assert "| tome_shared_every2 |" in (out / "results.md").read_text()
+
+
 def test_rerun_into_an_output_made_with_other_settings_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     tiny = [
@@ -146,6 +168,10 @@ def test_rerun_into_an_output_made_with_other_settings_is_refused(tmp_path, caps
         (["--preset", "smoke", "--classes", "1000"], "--classes: '1000'"),
         (["--preset", "smoke", "--steps", "0"], "--steps 0"),
         (["--preset", "smoke", "--resolution", "100"], "--resolution 100: must be a positive multiple of 8"),
+        (["--preset", "smoke", "--plan-every", "1,x"], "--plan-every '1,x': expected comma-separated whole numbers"),
+        (["--preset", "smoke", "--plan-every", "0"], "--plan-every: 0 is not allowed"),
+        (["--preset", "smoke", "--plan-every", "5,5"], "--plan-every: 5, 5 repeats a value"),
+        (["--preset", "smoke", "--share-plans", "true,maybe"], "--share-plans 'true,maybe': expected"),
     ],
 )
 def test_bad_input_is_a_clear_error_not_a_traceback(argv, message, tmp_path, capsys):

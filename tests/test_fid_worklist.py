@@ -19,6 +19,42 @@ def test_arms_are_the_baseline_then_methods_by_keep_rate():
     assert len({a.name for a in arms}) == 31
 
 
+def test_plan_reuse_axes_make_arms_of_their_own_and_no_reuse_keeps_the_old_names():
+    arms = make_arms(["tome", "atc_average"], [0.5, 0.4], plan_every=[1, 5], share_plans=[False, True])
+    assert len(arms) == 1 + 2 * 4 * 2
+    assert [a.name for a in arms[1:9]] == [
+        "tome_r0.5",  # no reuse: the name of sweeps from before the reuse options, whose images are reused
+        "tome_r0.4",
+        "tome_r0.5_shared",
+        "tome_r0.4_shared",
+        "tome_r0.5_every5",
+        "tome_r0.4_every5",
+        "tome_r0.5_shared_every5",
+        "tome_r0.4_shared_every5",
+    ]
+    assert arms[-1] == Arm("atc_average", 0.4, plan_every=5, share_plans=True)
+    assert [a.row for a in arms[:4]] == ["baseline", "tome", "tome", "tome_shared"]
+    assert arms[-1].row == "atc_average_shared_every5"
+    assert len({a.name for a in arms}) == len(arms)
+    assert make_arms(["tome"], [0.5]) == make_arms(["tome"], [0.5], [1], [False]) == [Arm(None), Arm("tome", 0.5)]
+
+
+@pytest.mark.parametrize(
+    "plan_every, share_plans, message",
+    [
+        ([0], [False], "--plan-every: 0 is not allowed"),
+        ([True], [False], "--plan-every: True is not allowed"),
+        ([2.0], [False], "--plan-every: 2.0"),
+        ([1, 1], [False], "--plan-every: 1, 1 repeats a value"),
+        ([1], ["yes"], "--share-plans: 'yes' is not allowed"),
+        ([1], [True, True], "--share-plans: True, True repeats"),
+    ],
+)
+def test_bad_reuse_axes_are_named(plan_every, share_plans, message):
+    with pytest.raises(UserError, match=message):
+        make_arms(["tome"], [0.5], plan_every, share_plans)
+
+
 @pytest.mark.parametrize(
     "methods, rates, message",
     [
