@@ -50,10 +50,13 @@ class RecordedPlan:
     grid: tuple[int, int]
 
 
-def _block_grid(block: MergedBlock) -> tuple[int, int]:
-    factor = 2**block.level
-    height, width = (-(-size // factor) for size in block.state.latent_size)
-    return height, width
+def _grid_source(unet, block_name: str):
+    """The ``Transformer2DModel`` around a transformer block (``<name>.transformer_blocks.<i>``):
+    its ``[B, C, H, W]`` input gives the block's token grid."""
+    parent, found, _ = block_name.rpartition(".transformer_blocks.")
+    if not found:
+        raise ValueError(f"{block_name} is not inside a Transformer2DModel: its token grid is unknown")
+    return unet.get_submodule(parent)
 
 
 def _checked_steps(steps) -> frozenset[int] | None:
@@ -93,24 +96,37 @@ def record_plans(model, blocks=None, steps=None):
     wanted_steps = _checked_steps(steps)
     plans: dict[tuple[int, str], RecordedPlan] = {}
     call = [-1]
+    grids: dict[str, tuple[int, int]] = {}  # block name -> (H, W) of its Transformer2DModel's latest input
 
     def count_call(module, args, kwargs) -> None:
         call[0] += 1
 
+    def grid_recorder(name: str):
+        def record(module, args, kwargs) -> None:
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            grids[name] = tuple(hidden_states.shape[-2:])
+
+        return record
+
     def observe(block: MergedBlock, plan: MergePlan) -> None:
         if wanted_steps is None or call[0] in wanted_steps:
-            plans[call[0], block.name] = RecordedPlan(call[0], block.name, plan.labels, plan.num_groups, _block_grid(block))
+            plans[call[0], block.name] = RecordedPlan(call[0], block.name, plan.labels, plan.num_groups, grids[block.name])
 
     observed = [block for block in state.blocks if block.name in chosen]
     if any(block.observer is not None for block in observed):
         raise ValueError("record_plans is already recording these blocks (nested record_plans on the same blocks)")
-    hook = unet.register_forward_pre_hook(count_call, with_kwargs=True)
+    hooks = [unet.register_forward_pre_hook(count_call, with_kwargs=True)]
+    hooks += [
+        _grid_source(unet, block.name).register_forward_pre_hook(grid_recorder(block.name), with_kwargs=True)
+        for block in observed
+    ]
     for block in observed:
         block.observer = observe
     try:
         yield plans
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         for block in observed:
             block.observer = None
 

@@ -86,6 +86,8 @@ def test_record_plans_records_exactly_the_asked_blocks_and_steps():
     sdmerge.apply(pipe, "tome", r=0.5, use_rand=False)
     blocks = [SD15_MERGED[0], SD15_MERGED[3]]
     call = dict(prompt="a cat", num_inference_steps=3, height=32, width=32, output_type="latent")
+    modules = [pipe.unet] + [pipe.unet.get_submodule(block.rpartition(".transformer_blocks.")[0]) for block in blocks]
+    hooks_before = [len(module._forward_pre_hooks) for module in modules]
     with record_plans(pipe, blocks=blocks, steps=[0, 2]) as plans:
         pipe(**call, generator=torch.Generator().manual_seed(0))
     assert sorted(plans) == sorted((step, block) for step in (0, 2) for block in blocks)
@@ -99,7 +101,7 @@ def test_record_plans_records_exactly_the_asked_blocks_and_steps():
     assert len(plans) == 4
     state = pipe.unet._sdmerge
     assert all(block.observer is None for block in state.blocks)
-    assert len(pipe.unet._forward_pre_hooks) == 1  # sdmerge's own hook
+    assert [len(module._forward_pre_hooks) for module in modules] == hooks_before
 
 
 def test_record_plans_all_blocks_every_step_and_labels_are_the_plans_used():
