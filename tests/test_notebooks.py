@@ -3,7 +3,7 @@
 
 The notebooks run in a kernel of this interpreter (a kernelspec made for the test), with
 ``QUICK = True`` and ``FIGURE_DIR`` injected in a cell right after the ``parameters`` cell, as
-papermill does (replacing the injected cell of the committed full run).
+papermill does (replacing the injected cell of the committed full run): ``notebooks/execute_notebook.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ nbformat = pytest.importorskip("nbformat", reason="the notebook tests need the d
 nbclient = pytest.importorskip("nbclient", reason="the notebook tests need the dev extras (nbformat, nbclient)")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+sys.path.insert(0, str(NOTEBOOKS))
+from execute_notebook import execute  # noqa: E402  (notebooks/execute_notebook.py)
+
 KERNEL = "sdmerge-test-python"
 
 
@@ -39,20 +42,11 @@ def kernel(tmp_path_factory):
 
 def run_quick(name: str, kernel: str, figure_dir: Path):
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    # the committed notebooks hold a full run: drop its injected QUICK = False
-    notebook.cells = [cell for cell in notebook.cells if "injected-parameters" not in cell.metadata.get("tags", [])]
     parameters = [i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", [])]
     assert parameters == [1], f"{name}: the first code cell (after the title) must be the only one tagged 'parameters'"
-    assert re.search(r"^QUICK = ", notebook.cells[1].source, re.M) and "DEVICE = " in notebook.cells[1].source
-    assert "MODEL_PATH = " in notebook.cells[1].source
-    injected = nbformat.v4.new_code_cell(f'QUICK = True\nDEVICE = "cpu"\nFIGURE_DIR = {str(figure_dir)!r}')
-    injected.metadata["tags"] = ["injected-parameters"]
-    notebook.cells.insert(2, injected)
-    client = nbclient.NotebookClient(
-        notebook, timeout=300, kernel_name=kernel, resources={"metadata": {"path": str(NOTEBOOKS)}}
-    )
-    client.execute()  # raises CellExecutionError on any cell error
-    return notebook
+    for name_ in ("QUICK", "DEVICE", "MODEL_PATH", "FIGURE_DIR"):
+        assert re.search(rf"^{name_} = ", notebook.cells[1].source, re.M), f"{name}: parameters cell lacks {name_}"
+    return execute(NOTEBOOKS / name, {"QUICK": True, "DEVICE": "cpu", "FIGURE_DIR": str(figure_dir)}, kernel, timeout=300)
 
 
 @pytest.mark.parametrize(
