@@ -556,6 +556,8 @@ class MergedBlock:
     ``grid`` (bipartite methods): ``(H, W)`` of the ``[B, C, H, W]`` hidden states the block's
     ``Transformer2DModel`` (``grid_source``, with its name) received last, recorded by a forward
     pre-hook: the block's ``N = H * W`` tokens in raster order.
+    ``observer``: ``None``, or a function called with ``(block, plan)`` with the plan of every
+    call, computed or reused (set by :func:`sdmerge.plan_recording.record_plans`).
     """
 
     def __init__(self, name: str, module: BasicTransformerBlock, state: MergeState):
@@ -567,6 +569,7 @@ class MergedBlock:
         self.grid_source = enclosing_transformer(state.unet, name) if state.method.needs_split else None
         self.grid: tuple[int, int] | None = None
         self._unsplit_grids: set[tuple[int, int]] = set()  # grids too small for one window (logged)
+        self.observer = None
 
     def capture_metric(self, module, args, kwargs) -> None:
         self.metric = args[0] if args else kwargs["hidden_states"]
@@ -591,9 +594,12 @@ class MergedBlock:
         remove = tokens_to_remove(num_tokens, self.state.config.keep_rate)
         if remove == 0 or (self.state.method.needs_split and not self._grid_holds_a_window(num_tokens)):
             return None
-        return self.state.plans.plan(
+        merge = self.state.plans.plan(
             self.name, hidden_states.shape[:2], lambda: self._new_plan(attn, metric, hidden_states, remove)
         )
+        if self.observer is not None and merge is not None:
+            self.observer(self, merge[0])
+        return merge
 
     def _new_plan(self, attn: Attention, metric: Tensor, hidden_states: Tensor, remove: int):
         """Group ``metric: [B, N, C]`` so that ``remove`` tokens go; the plan and merge weights."""
