@@ -303,17 +303,29 @@ def run_resolution(
     interleaved, once per repetition after one untimed unpatched call. ``batch``: the UNet batch
     (default :data:`RESOLUTIONS`). Returns the settings with their times."""
     inputs = make_inputs(unet, side, RESOLUTIONS[side] if batch is None else batch, dtype, device)
-    table = settings(methods, keep_rates)
-    timer = OverheadTimer(device, clock)
+    return run_interleaved(
+        unet, side, settings(methods, keep_rates), repetitions, OverheadTimer(device, clock),
+        warm_up=lambda timer: time_step(unet, Setting("unpatched", "none"), inputs, device, timer),
+        timed=lambda setting, timer: time_step(unet, setting, inputs, device, timer),
+    )
+
+
+def run_interleaved(unet, side: int, table: list[Setting], repetitions: int, timer: OverheadTimer, warm_up, timed):
+    """Every setting of ``table`` once per repetition, in turn, after one untimed ``warm_up(timer)``
+    of the unpatched UNet: ``timed(setting, timer) -> seconds`` with the setting patched in.
+    Leaves the UNet unpatched; returns ``table`` with its times."""
     with torch.no_grad(), timer.installed():
         table[0].patch(unet)
-        print(f"  {side}px warm-up {time_step(unet, table[0], inputs, device, timer):8.3f} s", flush=True)
+        print(f"  {side}px warm-up {warm_up(timer):8.3f} s", flush=True)
         for repetition in range(1, repetitions + 1):
             for setting in table:
                 setting.patch(unet)
-                seconds = time_step(unet, setting, inputs, device, timer)
+                seconds = timed(setting, timer)
                 setting.record(seconds, timer)
-                print(f"  {side}px rep {repetition} {setting.label:<26} {seconds:8.3f} s", flush=True)
+                print(
+                    f"  {side}px rep {repetition} {setting.label:<45} {seconds:8.3f} s, {timer.plans} plans",
+                    flush=True,
+                )
     tomesd.remove_patch(unet)
     sdmerge.remove(unet)
     return table
@@ -399,23 +411,11 @@ def run_generation(
     :data:`RESOLUTIONS`). Returns the settings with their times."""
     pndm_timesteps(calls)  # checks calls
     inputs = make_inputs(unet, side, RESOLUTIONS[side] if batch is None else batch, dtype, device)
-    table = generation_settings() if table is None else table
-    timer = OverheadTimer(device, clock)
-    with torch.no_grad(), timer.installed():
-        table[0].patch(unet)
-        print(f"  {side}px warm-up {time_generation(unet, 1, inputs, device, timer):8.3f} s", flush=True)
-        for repetition in range(1, repetitions + 1):
-            for setting in table:
-                setting.patch(unet)
-                seconds = time_generation(unet, calls, inputs, device, timer)
-                setting.record(seconds, timer)
-                print(
-                    f"  {side}px rep {repetition} {setting.label:<45} {seconds:8.3f} s, {timer.plans} plans",
-                    flush=True,
-                )
-    tomesd.remove_patch(unet)
-    sdmerge.remove(unet)
-    return table
+    return run_interleaved(
+        unet, side, generation_settings() if table is None else table, repetitions, OverheadTimer(device, clock),
+        warm_up=lambda timer: time_generation(unet, 1, inputs, device, timer),
+        timed=lambda setting, timer: time_generation(unet, calls, inputs, device, timer),
+    )
 
 
 def generation_markdown(side: int, table: list[Setting], clock: str, calls: int, batch: int | None = None) -> str:
