@@ -77,7 +77,7 @@ import torch
 from diffusers import PNDMScheduler, UNet2DConditionModel
 
 import sdmerge
-import sdmerge.prompt_importance
+import sdmerge.stable_diffusion.prompt_importance
 from sdmerge.core import MergePlan
 from sdmerge.stable_diffusion import MergedBlock
 
@@ -226,7 +226,7 @@ class OverheadTimer:
         targets = [
             (MergedBlock, "merge_plan", lambda f: self._timed(f, "plan")),
             (MergedBlock, "_new_plan", self._counted),
-            (sdmerge.prompt_importance, "prompt_attention_mass", lambda f: self._timed(f, "plan")),
+            (sdmerge.stable_diffusion.prompt_importance, "prompt_attention_mass", lambda f: self._timed(f, "plan")),
             (MergePlan, "merge", lambda f: self._timed(f, "merging")),
             (MergePlan, "unmerge", lambda f: self._timed(f, "merging")),
             (tomesd.patch, "compute_merge", self._timed_tomesd_plan),

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from .core.plan import MergePlan
-from .stable_diffusion import _STATE_ATTRIBUTE, MergedBlock, enclosing_transformer, find_unet
+from .stable_diffusion import MergedBlock, enclosing_transformer, find_unet
+from .stable_diffusion.patch import _STATE_ATTRIBUTE
 from .vit import reduction_state
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import sdmerge
-from sdmerge import prompt_importance as prompt_importance_module
+from sdmerge.stable_diffusion import prompt_importance as prompt_importance_module
 from sdmerge.core import MergePlan
 from sdmerge.methods import METHODS
-from sdmerge.plan_reuse import PlanReuse
+from sdmerge.stable_diffusion.plan_reuse import PlanReuse
 from sdmerge.stable_diffusion import MergedBlock, transformer_blocks_by_level
 from tests.tiny_diffusers import SD15_MERGED, SD_METHODS, sd15_unet, tiny_pipeline, unet_inputs
 
@@ -269,7 +269,7 @@ def test_importance_is_computed_with_its_plan_and_reused_with_it(method, inputs,
     scores = []
     importance = prompt_importance_module.prompt_importance
     monkeypatch.setattr(
-        "sdmerge.stable_diffusion.prompt_importance", lambda *a: scores.append(importance(*a)) or scores[-1]
+        "sdmerge.stable_diffusion.merged_block.prompt_importance", lambda *a: scores.append(importance(*a)) or scores[-1]
     )
     sdmerge.apply(unet, method, r=0.5, plan_every=2, **method_options(method))
     for t in (900, 800, 700, 600):

@@ -32,7 +32,7 @@ LOGGER = "sdmerge.stable_diffusion"
 
 
 def sdmerge_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name.startswith(LOGGER) and r.levelno == logging.WARNING]
 
 
 def processors(unet) -> dict:

@@ -17,7 +17,7 @@ import sdmerge
 from sdmerge import stable_diffusion
 from sdmerge.core import bipartite_soft_matching, cosine_distances, crucial_token_merging, random_2d_split
 from sdmerge.methods import METHODS
-from sdmerge.prompt_importance import PromptAttentionMassProcessor, prompt_attention_mass
+from sdmerge.stable_diffusion.prompt_importance import PromptAttentionMassProcessor, prompt_attention_mass
 from sdmerge.stable_diffusion import merged_blocks, transformer_blocks_by_level
 from tests.tiny_diffusers import (
     SD15_MERGED,

@@ -27,7 +27,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import Tensor
 
-from .core import importance_score
+from ..core import importance_score
 
 
 def prompt_attention_mass(

@@ -1,0 +1,93 @@
+"""What :func:`sdmerge.stable_diffusion.apply` installs: :class:`MergeConfig`, checked on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..core import check_keep_rate
+from ..methods import METHODS, get_method
+
+_SPLIT_OPTIONS = ("sx", "sy", "use_rand", "seed")
+_BIPARTITE_METHODS = tuple(m.name for m in METHODS.values() if "sd" in m.models and m.needs_split)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """What :func:`apply` installs; checked on construction.
+
+    Attributes:
+        method: a Stable Diffusion method of ``sdmerge.methods`` (tome, atc_*, cis, crucial).
+        keep_rate: ``r``, the fraction of tokens kept in a merged self-attention, ``0 < r <= 1``.
+        max_downsample: merge the blocks whose downsampling factor, relative to the
+            highest-resolution level with attention, is at most this.
+        sx, sy: window of the random 2D split (one destination per ``sy x sx`` window).
+        use_rand: random destination in each window (``False``: the top-left one).
+        seed: re-seed the split's generator at every UNet call from ``(seed, timestep)``.
+        plan_every: compute new merge plans at every ``plan_every``-th step of a generation
+            and reuse them in between (``sdmerge.plan_reuse``); 1: every call (the papers).
+        share_plans: one plan per resolution level per UNet call, computed by the level's
+            first merged block and used by all of them; False: one per block (the papers).
+    ``sx``, ``sy``, ``use_rand`` and ``seed`` belong to the bipartite methods (tome, cis).
+    """
+
+    method: str = "tome"
+    keep_rate: float = 0.5
+    max_downsample: int = 1
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+    seed: int | None = None
+    plan_every: int = 1
+    share_plans: bool = False
+
+    def __post_init__(self):
+        method = get_method(self.method, "sd")
+        object.__setattr__(self, "keep_rate", check_keep_rate(self.keep_rate))
+        check_int("max_downsample", self.max_downsample, minimum=1)
+        if self.max_downsample & (self.max_downsample - 1):
+            raise ValueError(
+                f"max_downsample={self.max_downsample} is not a power of two; allowed: 1, 2, 4, 8, ... "
+                "(the downsampling factor of a UNet level)"
+            )
+        check_int("sx", self.sx, minimum=1)
+        check_int("sy", self.sy, minimum=1)
+        if not isinstance(self.use_rand, bool):
+            raise TypeError(f"use_rand must be True or False, got {self.use_rand!r}")
+        if self.seed is not None:
+            check_int("seed", self.seed)
+        if self.seed is not None and not self.use_rand:
+            raise ValueError(f"seed={self.seed} has no effect with use_rand=False (the split is not random)")
+        check_int("plan_every", self.plan_every, minimum=1)
+        if not isinstance(self.share_plans, bool):
+            raise TypeError(f"share_plans must be True or False, got {self.share_plans!r}")
+        if method.needs_split:
+            # One destination per full window: the sources are at least N (1 - 1/(sx sy)), and
+            # exactly that on grids the windows tile, so this bound is reachable on every grid.
+            minimum = 1.0 / (self.sx * self.sy)
+            if self.keep_rate < minimum:
+                raise ValueError(
+                    f"method {self.method!r} with a {self.sx}x{self.sy} stride keeps at least 1/{self.sx * self.sy} "
+                    f"= {minimum:.4g} of the tokens (one destination per window); got r={self.keep_rate!r}"
+                )
+            return
+        changed = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in fields(self)
+            if f.name in _SPLIT_OPTIONS and getattr(self, f.name) != f.default
+        ]
+        if changed:
+            raise ValueError(
+                f"option {', '.join(changed)} does not apply to method {self.method!r}: {', '.join(_SPLIT_OPTIONS)} "
+                f"set the source/destination split of the bipartite methods ({', '.join(_BIPARTITE_METHODS)})"
+            )
+
+
+OPTIONS = tuple(f.name for f in fields(MergeConfig) if f.name not in ("method", "keep_rate"))
+"""The keyword options :func:`apply` accepts."""
+
+
+def check_int(name: str, value, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={value} is not allowed; {name} must be >= {minimum}")
