@@ -12,6 +12,7 @@ atc_complete   agglomerative, complete     sizes               sd, vit
 atc_average    agglomerative, average      sizes               sd, vit
 cis            bipartite soft matching     importance          sd, vit
 crucial        crucial tokens (MSTM)       importance          sd, vit
+grid           sy x sx windows (ToDo)      sizes               sd
 topk           top-k pruning               (kept unchanged)    vit
 evit           top-k + one fused token     importance          vit
 =============  ==========================  ==================  ===========
@@ -30,13 +31,14 @@ from .core import (
     crucial_token_merging,
     evit_fusion,
     top_k_pruning,
+    window_groups,
 )
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    grouping: str  # "bipartite" | "agglomerative" | "crucial" | "topk" | "evit"
+    grouping: str  # "bipartite" | "agglomerative" | "crucial" | "grid" | "topk" | "evit"
     linkage: str | None = None
     importance_weighted: bool = False
     models: tuple[str, ...] = ("sd", "vit")
@@ -51,6 +53,11 @@ class Method:
         """Whether the method needs a source/destination split (bipartite matching)."""
         return self.grouping == "bipartite"
 
+    @property
+    def needs_grid(self) -> bool:
+        """Whether the method groups by the tokens' 2D grid (a split of it, or its windows)."""
+        return self.grouping in ("bipartite", "grid")
+
     def plan(
         self,
         metric: Tensor,
@@ -61,6 +68,8 @@ class Method:
         importance: Tensor | None = None,
         split: tuple[Tensor, Tensor] | None = None,
         split_order: bool = False,
+        grid: tuple[int, int] | None = None,
+        window: tuple[int, int] | None = None,
     ) -> MergePlan:
         """Group ``metric: [B, N, D]`` so that ``remove`` tokens disappear.
 
@@ -68,7 +77,9 @@ class Method:
         for the methods that need it. ``protected`` prefix tokens are never merged (bipartite
         methods protect them through the split). ``split_order``: bipartite methods number their
         groups in ToMe's ViT order (:func:`~sdmerge.core.bipartite_soft_matching`, ``order="split"``);
-        every grouping otherwise keeps the tokens' relative order.
+        every grouping otherwise keeps the tokens' relative order. ``grid`` ``(h, w)`` and ``window``
+        ``(sy, sx)``: the grid grouping's token grid and window; its plan has one group per window
+        (``remove`` tokens go when the windows tile the grid).
         """
         if split_order and not self.needs_split:
             raise ValueError(f"method {self.name!r} has no source/destination split to order tokens by")
@@ -81,6 +92,10 @@ class Method:
             return bipartite_soft_matching(metric, remove, *split, sizes=sizes, order=order)
         if self.grouping == "agglomerative":
             return agglomerative_clustering(metric, remove, self.linkage, protected=protected, sizes=sizes)
+        if self.grouping == "grid":
+            if grid is None or window is None:
+                raise ValueError(f"method {self.name!r} needs the token grid and the window")
+            return window_groups(metric.shape[0], *grid, *window, sizes=sizes, device=metric.device)
         if self.grouping == "crucial":
             return crucial_token_merging(metric, importance, remove, protected=protected, sizes=sizes)
         if self.grouping == "topk":
@@ -104,6 +119,7 @@ METHODS: dict[str, Method] = {
         Method("atc_average", "agglomerative", linkage="average"),
         Method("cis", "bipartite", importance_weighted=True),
         Method("crucial", "crucial", importance_weighted=True),
+        Method("grid", "grid", models=("sd",)),
         Method("topk", "topk", models=("vit",)),
         Method("evit", "evit", importance_weighted=True, models=("vit",)),
     )

@@ -8,6 +8,7 @@ from .agglomerative import LINKAGES, ClusteringMemoryError, agglomerative_cluste
 from .attention import proportional_attention_bias
 from .bipartite import alternating_split, bipartite_soft_matching, random_2d_split
 from .crucial import crucial_token_merging
+from .grid import window_for_keep_rate, window_groups
 from .importance import head_mean_importance_score, importance_score
 from .plan import MergePlan, check_keep_rate, plan_from_representatives, tokens_to_remove
 from .pruning import evit_fusion, top_k_pruning
@@ -31,4 +32,6 @@ __all__ = [
     "random_2d_split",
     "tokens_to_remove",
     "top_k_pruning",
+    "window_for_keep_rate",
+    "window_groups",
 ]

@@ -22,12 +22,15 @@ logger = logging.getLogger(__name__)
 
 
 class MergedBlock:
-    """One merged transformer block: its metric for the current call, and ``p`` from the last.
+    """One merged transformer block: its metric and plan for the current call, and ``p`` from the last.
 
     ``metric``: the block input ``x`` ``[B, N, C]``, captured by a forward pre-hook and consumed
-    by ``attn1``. ``cross_attention_mass``: ``p`` ``[B, N]`` written by ``attn2``; ``attn1`` runs
+    by ``attn1``, whose processor computes the block's plan (:meth:`merge_plan`) whichever
+    branches merge. ``current``: that plan and its merge weights, or ``None`` (nothing merged in
+    this call), for the branches after ``attn1`` (``attn2``, ``ff``); reset by the pre-hook.
+    ``cross_attention_mass``: ``p`` ``[B, N]`` written by ``attn2``; ``attn1`` runs
     before ``attn2`` in a block, so ``attn1`` reads the value of the previous UNet call.
-    ``grid`` (bipartite methods): ``(H, W)`` of the ``[B, C, H, W]`` hidden states the block's
+    ``grid`` (bipartite and grid methods): ``(H, W)`` of the ``[B, C, H, W]`` hidden states the block's
     ``Transformer2DModel`` (``grid_source``, with its name) received last, recorded by a forward
     pre-hook: the block's ``N = H * W`` tokens in raster order.
     ``observer``: ``None``, or a function called with ``(block, plan)`` with the plan of every
@@ -39,34 +42,51 @@ class MergedBlock:
         self.module = module
         self.state = state
         self.metric: Tensor | None = None
+        self.current: tuple[MergePlan, Tensor | None] | None = None
         self.cross_attention_mass: Tensor | None = None
-        self.grid_source = enclosing_transformer(state.unet, name) if state.method.needs_split else None
+        self.grid_source = enclosing_transformer(state.unet, name) if state.method.needs_grid else None
         self.grid: tuple[int, int] | None = None
         self._unsplit_grids: set[tuple[int, int]] = set()  # grids too small for one window (logged)
         self.observer = None
 
     def capture_metric(self, module, args, kwargs) -> None:
         self.metric = args[0] if args else kwargs["hidden_states"]
+        self.current = None
 
     def record_grid(self, module, args, kwargs) -> None:
         hidden_states = args[0] if args else kwargs["hidden_states"]
         self.grid = tuple(hidden_states.shape[-2:]) if hidden_states.dim() == 4 else None
 
     def store_mass(self, mass: Tensor) -> None:
+        """Keep ``p``: ``[B, N]``, or ``[B, M]`` when ``attn2`` ran on merged tokens
+        (``merge_crossattn``; every token then gets its group's ``p``)."""
+        if self.current is not None and mass.shape[1] == self.current[0].num_groups:
+            mass = self.current[0].unmerge(mass.unsqueeze(-1)).squeeze(-1)
         self.cross_attention_mass = mass
 
     def merge_plan(self, attn: Attention, hidden_states: Tensor) -> tuple[MergePlan, Tensor | None] | None:
-        """The plan and merge weights for ``hidden_states: [B, N, C]`` (``norm1(x)``), or ``None``
-        when nothing is removed or the token grid holds no window of the split."""
+        """The plan and merge weights for ``hidden_states: [B, N, C]`` (``norm1(x)``), also kept as
+        :attr:`current`; ``None`` when the call is outside the timestep range, nothing is removed,
+        or the token grid holds no window of the split."""
+        self.current = self._merge_plan(attn, hidden_states)
+        return self.current
+
+    def _merge_plan(self, attn: Attention, hidden_states: Tensor) -> tuple[MergePlan, Tensor | None] | None:
         metric, self.metric = self.metric, None
         if metric is None or metric.shape[:2] != hidden_states.shape[:2]:
             raise RuntimeError(
                 f"{self.name}.attn1 was called without its block's input, which sdmerge captures in a pre-hook "
                 "on the block: call the transformer block (or the UNet), not its attention alone"
             )
+        if not self.state.merging:
+            return None
         num_tokens = hidden_states.shape[1]
         remove = tokens_to_remove(num_tokens, self.state.config.keep_rate)
-        if remove == 0 or (self.state.method.needs_split and not self._grid_holds_a_window(num_tokens)):
+        if remove == 0:
+            return None
+        if self.state.method.needs_grid:
+            self._check_grid(num_tokens)
+        if self.state.method.needs_split and not self._grid_holds_a_window():
             return None
         merge = self.state.plans.plan(
             self.name, hidden_states.shape[:2], lambda: self._new_plan(attn, metric, hidden_states, remove)
@@ -80,12 +100,12 @@ class MergedBlock:
         method = self.state.method
         split = self._split(hidden_states.device) if method.needs_split else None
         importance = self._importance(attn, hidden_states) if method.needs_importance else None
-        plan = method.plan(metric, remove, importance=importance, split=split)
+        window = self.state.config.window if method.grouping == "grid" else None
+        plan = method.plan(metric, remove, importance=importance, split=split, grid=self.grid, window=window)
         return plan, method.weights(None, importance)
 
-    def _grid_holds_a_window(self, num_tokens: int) -> bool:
-        """Whether this call's token grid holds one ``sy x sx`` window of the split. If not (a deep
-        block at a small latent), the block runs unmerged for this call; logged once per grid."""
+    def _check_grid(self, num_tokens: int) -> None:
+        """``RuntimeError`` unless the recorded token grid (:meth:`record_grid`) holds ``num_tokens``."""
         source = self.grid_source[0]
         if self.grid is None:
             raise RuntimeError(
@@ -95,6 +115,11 @@ class MergedBlock:
         height, width = self.grid
         if height * width != num_tokens:
             raise RuntimeError(f"{self.name} has {num_tokens} tokens, not the {height}x{width} grid {source} received")
+
+    def _grid_holds_a_window(self) -> bool:
+        """Whether this call's token grid holds one ``sy x sx`` window of the split. If not (a deep
+        block at a small latent), the block runs unmerged for this call; logged once per grid."""
+        height, width = self.grid
         config = self.state.config
         if height >= config.sy and width >= config.sx:
             return True

@@ -15,7 +15,7 @@ from ..methods import Method, get_method
 from .config import MergeConfig
 from .merged_block import MergedBlock
 from .plan_reuse import PlanReuse
-from .processors import TokenMergingProcessor
+from .processors import CrossAttentionMergingProcessor, FeedForwardMerging, TokenMergingProcessor
 from .prompt_importance import PromptAttentionMassProcessor
 from .randomness import SplitRandomness
 from .unet_layout import blocks_to_merge
@@ -23,12 +23,13 @@ from .unet_layout import blocks_to_merge
 logger = logging.getLogger(__name__)
 
 
-def _check_attention(name: str, attn: Attention | None, *, reads_probabilities: bool) -> None:
-    """Raise ``ValueError`` if sdmerge cannot wrap the processor of ``attn`` correctly: ``attn1``
-    (its input tokens are merged) or, with ``reads_probabilities``, ``attn2`` (its attention
-    probabilities are recomputed beside it)."""
+def _check_attention(name: str, attn: Attention | None, *, merges: bool, reads_probabilities: bool) -> None:
+    """Raise ``ValueError`` if sdmerge cannot wrap the processor of ``attn`` correctly: with
+    ``merges``, its input tokens are merged (``attn1``; ``attn2`` with ``merge_crossattn``); with
+    ``reads_probabilities``, its attention probabilities are recomputed beside it (``attn2``)."""
     if attn is None:
-        raise ValueError(f"{name} is missing; the prompt importance needs the block's cross-attention")
+        needs = "the prompt importance" if reads_probabilities else "merge_crossattn"
+        raise ValueError(f"{name} is missing; {needs} needs the block's cross-attention")
     problems = []
     if isinstance(attn.processor, nn.Module):
         problems.append(
@@ -42,7 +43,7 @@ def _check_attention(name: str, attn: Attention | None, *, reads_probabilities: 
             problems.append("it is not a cross-attention")
         if attn.norm_q is not None or attn.norm_k is not None:
             problems.append("query/key normalisation, which the prompt attention mass does not model")
-    elif attn.residual_connection:
+    if merges and attn.residual_connection:
         problems.append("residual_connection=True (the residual would be added to merged tokens)")
     if problems:
         raise ValueError(f"cannot merge tokens at {name}: " + "; ".join(problems))
@@ -62,6 +63,11 @@ class MergeState:
     generation when its timestep is larger than the previous call's, or the shape of its
     ``sample`` differs; the prompt attention mass of the previous call is then forgotten, and
     new plans are computed.
+
+    ``merging``: whether the current UNet call merges (``timestep_range``). A call outside the
+    range runs every branch unmerged; it counts for the generation boundaries (and ``cis`` /
+    ``crucial`` still record ``p``), but not as a step of ``plan_every``: the first merged call
+    after it that starts a generation computes new plans.
     """
 
     def __init__(self, unet: UNet2DConditionModel, config: MergeConfig):
@@ -73,12 +79,14 @@ class MergeState:
         self.blocks = [
             MergedBlock(name, block, self) for name, block, _ in blocks_to_merge(unet, config.max_downsample)
         ]
-        for block in self.blocks:
-            _check_attention(f"{block.name}.attn1", block.module.attn1, reads_probabilities=False)
-            if self.method.needs_importance:
-                _check_attention(f"{block.name}.attn2", block.module.attn2, reads_probabilities=True)
-        self._previous_call: tuple[float, torch.Size] | None = None
         self._layers: list[WrappedLayer] = []
+        for block in self.blocks:
+            self._layers.extend(self._layers_of(block))
+        for layer in self._layers:
+            _check_attention(layer.name, layer.attn, merges=layer.merges, reads_probabilities=layer.reads_probabilities)
+        self.merging = True
+        self._unmerged_generation_start = False  # a generation started in a call outside timestep_range
+        self._previous_call: tuple[float, torch.Size] | None = None
         self._wrappers: list[object] = []  # every processor sdmerge made for this UNet
         self._logged_new_processors = False
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -89,28 +97,55 @@ class MergeState:
 
     @property
     def reads_timestep(self) -> bool:
-        return self.method.needs_importance or self.randomness.reseeds or self.plans.counts_steps
+        return (
+            self.method.needs_importance
+            or self.randomness.reseeds
+            or self.plans.counts_steps
+            or self.config.timestep_range is not None
+        )
+
+    def _layers_of(self, block: MergedBlock) -> list[WrappedLayer]:
+        """The attention layers of ``block`` sdmerge wraps, with their wrappers (innermost first);
+        ``ValueError`` for a block the options cannot merge."""
+        config, module = self.config, block.module
+        if config.kv_only and module.only_cross_attention:
+            raise ValueError(
+                f"kv_only cannot merge {block.name}.attn1: it is a cross-attention (only_cross_attention=True), "
+                "whose keys and values are the prompt"
+            )
+        if config.merge_mlp and getattr(module, "ff", None) is None:
+            raise ValueError(f"merge_mlp: {block.name} has no feed-forward layer (ff)")
+        layers = [WrappedLayer(f"{block.name}.attn1", module.attn1, ((TokenMergingProcessor, block),))]
+        attn2_wrappers = []
+        if self.method.needs_importance:
+            attn2_wrappers.append((PromptAttentionMassProcessor, block.store_mass))
+        if config.merge_crossattn:  # outside the mass processor, which then sees the merged tokens
+            attn2_wrappers.append((CrossAttentionMergingProcessor, block))
+        if attn2_wrappers:
+            layers.append(WrappedLayer(f"{block.name}.attn2", module.attn2, tuple(attn2_wrappers)))
+        return layers
 
     def install(self) -> None:
         for block in self.blocks:
             self._hooks.append(block.module.register_forward_pre_hook(block.capture_metric, with_kwargs=True))
             if block.grid_source is not None:
                 self._hooks.append(block.grid_source[1].register_forward_pre_hook(block.record_grid, with_kwargs=True))
-            attn1, attn2 = block.module.attn1, block.module.attn2
-            self._layers.append(WrappedLayer(f"{block.name}.attn1", attn1, TokenMergingProcessor, block))
-            if self.method.needs_importance:
-                self._layers.append(
-                    WrappedLayer(f"{block.name}.attn2", attn2, PromptAttentionMassProcessor, block.store_mass)
-                )
+            if self.config.merge_mlp:
+                ff, merging = block.module.ff, FeedForwardMerging(block)
+                self._hooks.append(ff.register_forward_pre_hook(merging.before, with_kwargs=True))
+                self._hooks.append(ff.register_forward_hook(merging.after, with_kwargs=True))
         for layer in self._layers:
             self._wrap(layer)
         self._hooks.append(self.unet.register_forward_pre_hook(self.on_unet_call, with_kwargs=True))
         self.unet.set_default_attn_processor = self.set_default_attn_processor  # diffusers' own refuses ours
 
     def _wrap(self, layer: "WrappedLayer") -> None:
-        layer.installed = layer.wrapper_type(layer.attn.processor, layer.argument)
-        self._wrappers.append(layer.installed)
-        layer.attn.set_processor(layer.installed)
+        processor = layer.attn.processor
+        for wrapper_type, argument in layer.wrappers:
+            processor = wrapper_type(processor, argument)
+            self._wrappers.append(processor)
+        layer.installed = processor
+        layer.attn.set_processor(processor)
 
     def _is_ours(self, processor) -> bool:
         return any(processor is wrapper for wrapper in self._wrappers)
@@ -137,7 +172,9 @@ class MergeState:
                 layer.installed = processor
                 continue
             try:
-                _check_attention(layer.name, layer.attn, reads_probabilities=layer.reads_probabilities)
+                _check_attention(
+                    layer.name, layer.attn, merges=layer.merges, reads_probabilities=layer.reads_probabilities
+                )
             except ValueError as error:
                 raise ValueError(
                     f"{error} (a processor set after sdmerge.apply; call sdmerge.remove before setting it)"
@@ -195,8 +232,13 @@ class MergeState:
                 for block in self.blocks:
                     block.cross_attention_mass = None
             self._previous_call = (timestep, sample.shape)
+            self.merging = self.config.merges_at(timestep)
+            if not self.merging:
+                self._unmerged_generation_start |= starts_generation
+                return
             self.randomness.start_call(timestep)
-            self.plans.start_call(timestep, starts_generation)
+            self.plans.start_call(timestep, starts_generation or self._unmerged_generation_start)
+            self._unmerged_generation_start = False
         else:
             self.plans.start_call()
 
@@ -209,17 +251,22 @@ class MergeState:
 
 @dataclass(eq=False)
 class WrappedLayer:
-    """An attention layer whose processor sdmerge wraps: ``wrapper_type(processor, argument)``
-    (``TokenMergingProcessor`` on ``attn1``, ``PromptAttentionMassProcessor`` on ``attn2``);
-    ``installed``: the wrapper set last."""
+    """An attention layer whose processor sdmerge wraps: for each ``(wrapper_type, argument)`` of
+    ``wrappers``, innermost first, ``processor = wrapper_type(processor, argument)``
+    (``TokenMergingProcessor`` on ``attn1``; on ``attn2`` ``PromptAttentionMassProcessor`` and/or
+    ``CrossAttentionMergingProcessor``); ``installed``: the outermost wrapper set last."""
 
     name: str
     attn: Attention
-    wrapper_type: type
-    argument: object
+    wrappers: tuple[tuple[type, object], ...]
     installed: object = None
 
     @property
     def reads_probabilities(self) -> bool:
-        """Whether the wrapper reads the layer's attention probabilities (``attn2``'s)."""
-        return self.wrapper_type is PromptAttentionMassProcessor
+        """Whether a wrapper reads the layer's attention probabilities (``attn2``'s)."""
+        return any(wrapper_type is PromptAttentionMassProcessor for wrapper_type, _ in self.wrappers)
+
+    @property
+    def merges(self) -> bool:
+        """Whether a wrapper runs the layer on merged tokens."""
+        return any(wrapper_type is not PromptAttentionMassProcessor for wrapper_type, _ in self.wrappers)
