@@ -31,6 +31,17 @@ def _merged(run, plan: MergePlan, weights: Tensor | None, hidden_states: Tensor)
     return plan.unmerge(run(plan.merge(hidden_states, weights)))
 
 
+def merged_keys_and_values(plan: MergePlan, weights: Tensor | None, hidden_states: Tensor) -> dict[str, Tensor]:
+    """The keyword arguments that make a diffusers self-attention processor take its keys and
+    values from the merged tokens: ``encoder_hidden_states`` ``[B, M, C]`` and the proportional
+    attention bias ``log(sizes)`` as ``attention_mask`` ``[B, 1, M]`` (diffusers' additive mask,
+    repeated over heads and queries by ``Attention.prepare_attention_mask``)."""
+    return {
+        "encoder_hidden_states": plan.merge(hidden_states, weights),
+        "attention_mask": proportional_attention_bias(plan.merged_sizes, hidden_states.dtype)[:, 0],
+    }
+
+
 class TokenMergingProcessor:
     """``attn1`` processor: compute the block's plan; merge the tokens, run the original processor
     on them, unmerge (``merge_attn``), or merge only the keys and values (``kv_only``), or pass the
@@ -61,8 +72,7 @@ class TokenMergingProcessor:
                 f"kv_only cannot merge {self.block.name}.attn1 with fused QKV projections (fuse_qkv_projections): "
                 "its keys and values need a projection of their own; call unfuse_qkv_projections() first"
             )
-        bias = proportional_attention_bias(plan.merged_sizes, hidden_states.dtype)[:, 0]  # [B, 1, M]
-        kwargs.update(encoder_hidden_states=plan.merge(hidden_states, weights), attention_mask=bias)
+        kwargs.update(merged_keys_and_values(plan, weights, hidden_states))
         return self.original(attn, hidden_states, *args, **kwargs)
 
 
