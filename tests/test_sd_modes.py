@@ -16,11 +16,14 @@ import sdmerge
 from sdmerge.core import MergePlan, window_for_keep_rate, window_groups
 from sdmerge.methods import METHODS
 from sdmerge.stable_diffusion.processors import merged_keys_and_values
-from tests.test_plan_reuse import PNDM, spy  # noqa: F401 -- spy: the fixture
+from tests import test_plan_reuse
 from tests.test_stable_diffusion import Capture, RecordingProcessor, forward, hook_counts
 from tests.tiny_diffusers import SD15_MERGED, SD_METHODS, sd15_unet, tiny_pipeline, unet_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PNDM = test_plan_reuse.PNDM
+spy = test_plan_reuse.spy  # the fixture: spy(unet) records which calls compute plans
 
 BRANCHES = [dict(zip(("merge_attn", "merge_crossattn", "merge_mlp"), on)) for on in itertools.product((True, False), repeat=3)]
 BRANCHES = [b for b in BRANCHES if any(b.values())]  # the 7 combinations that merge something
