@@ -42,6 +42,14 @@ the unpatched UNet and to tomesd as medians of the per-repetition ratios (paired
 the same repetition) with their range, the plan share, and the plans computed per generation
 (sdmerge: ``MergedBlock`` plan computations; tomesd: ``compute_merge`` calls that merge).
 
+Modes mode (``--mode modes``): one UNet call per arm, as the step mode, for the merging modes
+(:func:`modes_settings`): unpatched; tomesd ratio 0.5 merging the self-attention, also the
+cross-attention (``merge_crossattn``), also the feed-forward (``merge_mlp``), and both; sdmerge
+``tome`` r=0.5 with the same options (the same names); the keys-and-values mode (``kv_only``) for
+``tome`` and the ``grid`` grouping at r=0.5 and r=0.25; ``grid`` merging at r=0.25. Besides the
+step mode's columns, the table gives every arm's paired ratio to tomesd ratio 0.5 (self-attention
+only). sdmerge ``tome`` arms are paired with the tomesd arm of the same options.
+
 Importable (``scripts/`` on ``sys.path``, ``import bench_unet``); stable names: :func:`load_unet`,
 :func:`settings` / :func:`run_resolution` / :func:`markdown` (step mode),
 :func:`generation_settings` / :func:`pndm_timesteps` / :func:`time_generation` /
@@ -58,6 +66,7 @@ diffusers UNet directory or a pipeline directory (loaded with ``from_pretrained`
     python scripts/bench_unet.py --methods tome --repetitions 7 --threads 1 --clock cpu
     python scripts/bench_unet.py --device cuda --dtype float16
     python scripts/bench_unet.py --mode generation --resolutions 512 --repetitions 2 --threads 1 --clock cpu
+    python scripts/bench_unet.py --mode modes --repetitions 3 --threads 1 --clock cpu
 """
 
 from __future__ import annotations
@@ -115,7 +124,7 @@ class Setting:
     library: str  # "none" | "tomesd" | "sdmerge"
     method: str | None = None
     keep_rate: float | None = None
-    options: dict = field(default_factory=dict)  # further sdmerge.apply options (plan_every, share_plans)
+    options: dict = field(default_factory=dict)  # further apply options (sdmerge: plan_every, kv_only, ...; both: merge_*)
     times: list[float] = field(default_factory=list)
     plan_times: list[float] = field(default_factory=list)
     merging_times: list[float] = field(default_factory=list)
@@ -125,7 +134,7 @@ class Setting:
         tomesd.remove_patch(unet)
         sdmerge.remove(unet)
         if self.library == "tomesd":
-            tomesd.apply_patch(unet, ratio=round(1 - self.keep_rate, 6))
+            tomesd.apply_patch(unet, ratio=round(1 - self.keep_rate, 6), **self.options)
         elif self.library == "sdmerge":
             sdmerge.apply(unet, self.method, r=self.keep_rate, **self.options)
 
@@ -172,6 +181,31 @@ def generation_settings(
     for method in reuse_methods:
         for label, options in reuse_variants:
             out.append(Setting(f"sdmerge {method} r={keep_rate}, {label}", "sdmerge", method, keep_rate, dict(options)))
+    return out
+
+
+BRANCH_VARIANTS = (
+    ("", {}),
+    ("merge_crossattn", {"merge_crossattn": True}),
+    ("merge_mlp", {"merge_mlp": True}),
+    ("merge_crossattn, merge_mlp", {"merge_crossattn": True, "merge_mlp": True}),
+)
+REFERENCE = "tomesd ratio=0.5"  # the arm every arm of the modes mode is compared with
+
+
+def modes_settings(branch_variants=BRANCH_VARIANTS, kv_keep_rates=(0.5, 0.25)) -> list[Setting]:
+    """The arms of the modes mode: unpatched; tomesd and sdmerge ``tome`` at 0.5 with each
+    ``(label, options)`` of ``branch_variants``; ``kv_only`` for ``tome`` and ``grid`` at each of
+    ``kv_keep_rates``; ``grid`` merging at 0.25. The first tomesd arm is :data:`REFERENCE`."""
+    out = [Setting("unpatched", "none")]
+    for library in ("tomesd", "sdmerge"):
+        for label, options in branch_variants:
+            name = REFERENCE if library == "tomesd" else "sdmerge tome r=0.5"
+            out.append(Setting(f"{name}, {label}" if label else name, library, "tome", 0.5, dict(options)))
+    for method in ("tome", "grid"):
+        for keep_rate in kv_keep_rates:
+            out.append(Setting(f"sdmerge {method} r={keep_rate}, kv_only", "sdmerge", method, keep_rate, {"kv_only": True}))
+    out.append(Setting("sdmerge grid r=0.25", "sdmerge", "grid", 0.25))
     return out
 
 
@@ -298,13 +332,15 @@ def run_resolution(
     methods=METHODS,
     keep_rates=(0.5, 0.4),
     batch: int | None = None,
+    table: list[Setting] | None = None,
 ) -> list[Setting]:
-    """Time one UNet call at ``side x side`` pixels for every setting of :func:`settings`,
-    interleaved, once per repetition after one untimed unpatched call. ``batch``: the UNet batch
-    (default :data:`RESOLUTIONS`). Returns the settings with their times."""
+    """Time one UNet call at ``side x side`` pixels for every setting of ``table`` (default
+    :func:`settings`), interleaved, once per repetition after one untimed unpatched call.
+    ``batch``: the UNet batch (default :data:`RESOLUTIONS`). Returns the settings with their times."""
     inputs = make_inputs(unet, side, RESOLUTIONS[side] if batch is None else batch, dtype, device)
+    table = settings(methods, keep_rates) if table is None else table
     return run_interleaved(
-        unet, side, settings(methods, keep_rates), repetitions, OverheadTimer(device, clock),
+        unet, side, table, repetitions, OverheadTimer(device, clock),
         warm_up=lambda timer: time_step(unet, Setting("unpatched", "none"), inputs, device, timer),
         timed=lambda setting, timer: time_step(unet, setting, inputs, device, timer),
     )
@@ -337,9 +373,11 @@ def paired_ratio(ours: list[float], theirs: list[float]) -> str:
     return f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
 
 
-def markdown(side: int, table: list[Setting], clock: str, batch: int | None = None) -> str:
+def markdown(side: int, table: list[Setting], clock: str, batch: int | None = None, reference: str | None = None) -> str:
+    """The step (and modes) table; ``reference``: the label of an arm every arm gets a paired ratio to."""
     base = statistics.median(table[0].times)
-    tomesd_runs = {s.keep_rate: s for s in table if s.library == "tomesd"}
+    tomesd_runs = {(s.keep_rate, tuple(sorted(s.options.items()))): s for s in table if s.library == "tomesd"}
+    compared = next((s for s in table if s.label == reference), None)
 
     def share(times: list[float], setting: Setting) -> str:
         return f"{100 * statistics.median(t / step for t, step in zip(times, setting.times)):.1f}%"
@@ -348,16 +386,18 @@ def markdown(side: int, table: list[Setting], clock: str, batch: int | None = No
         f"| {side}x{side}, batch {RESOLUTIONS[side] if batch is None else batch} | median {clock} s/step "
         "| vs unpatched "
         "| sdmerge tome / tomesd: step (range) | plan share | merge/unmerge share "
-        "| sdmerge tome / tomesd: added work (range) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| sdmerge tome / tomesd: added work (range) |" + ("" if compared is None else f" vs {reference} (range) |"),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + ("" if compared is None else " ---: |"),
     ]
     for setting in table:
         median = statistics.median(setting.times)
         cells = [setting.label, f"{median:.3f}", f"{median / base:.3f}", "", "", "", ""]
+        if compared is not None:
+            cells.append(paired_ratio(setting.times, compared.times))
         if setting.library != "none":
             cells[4], cells[5] = share(setting.plan_times, setting), share(setting.merging_times, setting)
-        if setting.library == "sdmerge" and setting.method == "tome":  # paired within each repetition
-            theirs = tomesd_runs[setting.keep_rate]
+        theirs = tomesd_runs.get((setting.keep_rate, tuple(sorted(setting.options.items()))))
+        if setting.library == "sdmerge" and setting.method == "tome" and theirs is not None:  # paired per repetition
             cells[3] = paired_ratio(setting.times, theirs.times)
             cells[6] = paired_ratio(
                 [p + m for p, m in zip(setting.plan_times, setting.merging_times)],
@@ -450,10 +490,11 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument(
         "--mode",
-        choices=("step", "generation"),
+        choices=("step", "generation", "modes"),
         default="step",
         help="step: one UNet call per configuration (default); generation: --calls consecutive calls at "
-        "PNDM's timesteps, with the plan-reuse arms",
+        "PNDM's timesteps, with the plan-reuse arms; modes: one call per arm of the merging modes "
+        "(merge_crossattn / merge_mlp against tomesd, kv_only, grid)",
     )
     parser.add_argument("--calls", type=int, default=5, help="UNet calls per generation (generation mode; default 5)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="sdmerge methods to time")
@@ -501,8 +542,9 @@ def main() -> None:
             for side in args.resolutions
         ]
     else:
+        table = (lambda: modes_settings()) if args.mode == "modes" else (lambda: None)
         tables = [
-            (side, run_resolution(unet, side, args.repetitions, dtype, device, clock, args.methods))
+            (side, run_resolution(unet, side, args.repetitions, dtype, device, clock, args.methods, table=table()))
             for side in args.resolutions
         ]
     print(f"load average at the end {os.getloadavg()}\n")
@@ -510,7 +552,7 @@ def main() -> None:
         if args.mode == "generation":
             print(generation_markdown(side, table, args.clock, args.calls), end="\n\n")
         else:
-            print(markdown(side, table, args.clock), end="\n\n")
+            print(markdown(side, table, args.clock, reference=REFERENCE if args.mode == "modes" else None), end="\n\n")
 
 
 if __name__ == "__main__":

@@ -74,3 +74,16 @@ def test_step_mode_at_tiny_widths():
     ]
     assert [s.plans for s in table] == [[0], [5], [5], [5], [5]]
     assert len(bench_unet.markdown(128, table, "wall", batch=2).splitlines()) == 2 + len(table)
+
+
+def test_modes_mode_at_tiny_widths():
+    table = bench_unet.run_resolution(sd15_unet(), 128, 1, torch.float32, CPU, batch=2, table=bench_unet.modes_settings())
+    labels = [s.label for s in table]
+    assert labels[:3] == ["unpatched", "tomesd ratio=0.5", "tomesd ratio=0.5, merge_crossattn"]
+    assert "sdmerge tome r=0.5, merge_crossattn, merge_mlp" in labels and "sdmerge grid r=0.25, kv_only" in labels
+    assert all(s.plans == ([0] if s.library == "none" else [5]) for s in table)  # 5 merged blocks, each arm
+    lines = bench_unet.markdown(128, table, "wall", batch=2, reference=bench_unet.REFERENCE).splitlines()
+    assert len(lines) == 2 + len(table) and "vs tomesd ratio=0.5 (range)" in lines[0]
+    row = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in lines[2:]}
+    assert row["sdmerge tome r=0.5, merge_mlp"][3] != ""  # paired with tomesd's merge_mlp arm
+    assert row["sdmerge grid r=0.5, kv_only"][3] == ""  # tomesd has no keys-and-values mode
