@@ -6,7 +6,9 @@ Sections, each timed by the project's own benchmark code (nothing here re-implem
    attention processor, i.e. torch SDPA): one step for the unpatched UNet, tomesd ratio 0.6 and
    every sdmerge method at r=0.4 (step mode), and the first ``--calls`` UNet calls of a
    generation at PNDM's timesteps for the generation arms (unpatched, tomesd ratio 0.6,
-   ``tome``, ``atc_average``, ``atc_average`` with ``share_plans`` / ``plan_every=5`` / both);
+   ``tome``, ``atc_average``, ``atc_average`` with ``share_plans`` / ``plan_every=5`` / both),
+   and one step for the arms of the merging modes (``bench_unet.modes_settings``: tomesd and
+   sdmerge with ``merge_crossattn`` / ``merge_mlp``, ``kv_only`` ``tome`` and ``grid``);
    512x512 batch 2 and 1024x1024 batch 1.
 2. ``sdmerge.cluster`` (``bench_clustering.run_case``): milliseconds per call at N=4096, B=2,
    keep 0.4, D=320 (SD-1.5's top-level width), each linkage and both paths, with rounds, aten
@@ -118,6 +120,11 @@ def unet_sections(device, dtype, sizes: dict) -> list[str]:
             unet, side, sizes["repetitions"], dtype, device, calls=sizes["calls"], batch=batch
         )
         lines += ["", bench_unet.generation_markdown(side, generation, "wall", sizes["calls"], batch=batch)]
+        print(f"UNet merging modes, {side}px batch {batch}", flush=True)
+        modes = bench_unet.run_resolution(
+            unet, side, sizes["repetitions"], dtype, device, batch=batch, table=bench_unet.modes_settings()
+        )
+        lines += ["", bench_unet.markdown(side, modes, "wall", batch=batch, reference=bench_unet.REFERENCE)]
     return lines
 
 

@@ -33,6 +33,7 @@ def test_quick_cpu_run_writes_every_section(tmp_path):
         bench_gpu.SD_METHODS
     )
     assert any(line.startswith("| sdmerge atc_average r=0.4, share_plans, plan_every=5 |") for line in report.splitlines())
+    assert any(line.startswith("| sdmerge grid r=0.25, kv_only |") for line in report.splitlines())  # the modes
     clustering = [row for linkage in bench_gpu.LINKAGES for row in _rows(report, linkage + " |")]
     assert [(row[0], row[1]) for row in clustering] == [
         (linkage, path) for linkage in bench_gpu.LINKAGES for path in ("cpu", "accelerator")
