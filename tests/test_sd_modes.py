@@ -160,6 +160,20 @@ def test_window_groups_cover_edge_windows():
     expected = torch.tensor([[0, 0, 1, 1, 2], [0, 0, 1, 1, 2], [3, 3, 4, 4, 5]]).flatten()
     assert plan.num_groups == 6 and torch.equal(plan.labels, expected.expand(2, 15))
     assert plan.counts[0].tolist() == [4, 4, 2, 2, 2, 1]
+    assert not plan.equal_groups and window_groups(1, 4, 6, 2, 3).equal_groups  # tiled: all groups equal
+
+
+def test_equal_groups_leave_out_the_constant_bias_and_give_the_same_attention():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
+    tokens = torch.randn(2, 16, 16)
+    plan = window_groups(2, 4, 4, 2, 2)
+    assert set(merged_keys_and_values(plan, None, tokens)) == {"encoder_hidden_states"}
+    biased = merged_keys_and_values(MergePlan(plan.labels, plan.num_groups), None, tokens)  # same groups, not told
+    assert set(biased) == {"encoder_hidden_states", "attention_mask"}
+    with torch.no_grad():
+        unbiased = AttnProcessor2_0()(attn, tokens, **merged_keys_and_values(plan, None, tokens))
+        torch.testing.assert_close(unbiased, AttnProcessor2_0()(attn, tokens, **biased), atol=1e-6, rtol=1e-5)
 
 
 def test_grid_merging_in_the_unet_merges_windows(inputs):

@@ -44,7 +44,8 @@ def window_groups(
     ``(y // sy) * ceil(width / sx) + x // sx``, so groups are numbered by their first token.
     Returns a plan of ``[B, N = height * width]`` labels and ``ceil(height / sy) * ceil(width / sx)``
     groups, shared by the batch. With ``sizes`` given the merge is size-weighted, else the
-    plain window mean (``avg_pool2d`` on windows the grid tiles).
+    plain window mean (``avg_pool2d`` on windows the grid tiles; the plan then has
+    ``equal_groups``).
     """
     if min(height, width, sy, sx) < 1:
         raise ValueError(f"grid {height}x{width} and window {sy}x{sx} must be positive")
@@ -52,4 +53,5 @@ def window_groups(
     rows = torch.arange(height, device=device).div(sy, rounding_mode="floor")
     cols = torch.arange(width, device=device).div(sx, rounding_mode="floor")
     labels = (rows[:, None] * columns + cols[None, :]).view(1, height * width).expand(batch_size, -1)
-    return MergePlan(labels.contiguous(), -(-height // sy) * columns, sizes)
+    tiles = height % sy == 0 and width % sx == 0
+    return MergePlan(labels.contiguous(), -(-height // sy) * columns, sizes, equal_groups=tiles)

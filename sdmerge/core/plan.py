@@ -58,9 +58,20 @@ class MergePlan:
         num_groups: ``M``, the same for every sample; every label in ``[0, M)`` must be used.
         sizes: ``[B, N]``, how many original tokens each input token already stands for
             (``None``: every token is one original token).
+        equal_groups: the grouping knows that every group holds the same number of tokens and
+            ``sizes`` is ``None`` (the grid grouping on a grid its windows tile), so that
+            proportional attention, a constant bias then, may be left out.
     """
 
-    def __init__(self, labels: Tensor, num_groups: int, sizes: Tensor | None = None, *, drops: bool = False):
+    def __init__(
+        self,
+        labels: Tensor,
+        num_groups: int,
+        sizes: Tensor | None = None,
+        *,
+        drops: bool = False,
+        equal_groups: bool = False,
+    ):
         if labels.dim() != 2 or labels.dtype != torch.int64:
             raise ValueError(f"labels must be an int64 tensor of shape [B, N], got {labels.dtype} {tuple(labels.shape)}")
         if sizes is not None and sizes.shape != labels.shape:
@@ -71,6 +82,7 @@ class MergePlan:
         self.num_groups = int(num_groups)
         self.sizes = sizes
         self.drops = drops  # True when some labels equal num_groups (pruned tokens)
+        self.equal_groups = equal_groups and sizes is None and not drops
 
     @property
     def batch_size(self) -> int:

@@ -35,11 +35,13 @@ def merged_keys_and_values(plan: MergePlan, weights: Tensor | None, hidden_state
     """The keyword arguments that make a diffusers self-attention processor take its keys and
     values from the merged tokens: ``encoder_hidden_states`` ``[B, M, C]`` and the proportional
     attention bias ``log(sizes)`` as ``attention_mask`` ``[B, 1, M]`` (diffusers' additive mask,
-    repeated over heads and queries by ``Attention.prepare_attention_mask``)."""
-    return {
-        "encoder_hidden_states": plan.merge(hidden_states, weights),
-        "attention_mask": proportional_attention_bias(plan.merged_sizes, hidden_states.dtype)[:, 0],
-    }
+    repeated over heads and queries by ``Attention.prepare_attention_mask``). A plan whose groups
+    are known to be equal (``MergePlan.equal_groups``) gets no mask: a constant bias cancels in
+    the softmax, and a mask costs the attention kernel time."""
+    merged = {"encoder_hidden_states": plan.merge(hidden_states, weights)}
+    if not plan.equal_groups:
+        merged["attention_mask"] = proportional_attention_bias(plan.merged_sizes, hidden_states.dtype)[:, 0]
+    return merged
 
 
 class TokenMergingProcessor:
