@@ -10,7 +10,10 @@ the grouping and the merge weights):
     y = attn1(plan.merge(h))  queries, keys and values all see the M merged tokens, [B, M, C]
     out = plan.unmerge(y)     every token gets its group's output back, [B, N, C]
 
-and the block adds its residual as usual. The merging processor wraps the processor that was
+and the block adds its residual as usual. That is the default; the same plan may also merge
+the cross-attention and the feed-forward (``merge_crossattn``, ``merge_mlp``), or only the keys
+and values of ``attn1`` (``kv_only``), and a ``timestep_range`` limits the calls that merge
+(``processors``, ``config``). The merging processor wraps the processor that was
 there (custom ones included) and calls it on the merged tokens; ``remove`` puts the wrapped
 processor objects back and removes every hook. A processor set on a merged layer after
 ``apply`` (attention slicing, fused QKV, ``set_default_attn_processor``, ``set_attn_processor``)
@@ -29,7 +32,7 @@ State: one :class:`~.state.MergeState` per patched UNet, at ``unet._sdmerge``.
 
 Modules: ``config`` (the options), ``unet_layout`` (which blocks, at which level), ``state``
 (what is installed, per UNet call), ``merged_block`` (per block: metric, grid, plan),
-``processors`` (the wrapping attention processors), ``randomness`` (the split's random source),
+``processors`` (what wraps the merged branches: attention processors, feed-forward hooks), ``randomness`` (the split's random source),
 ``plan_reuse`` and ``prompt_importance``; ``patch`` holds :func:`apply` and :func:`remove`.
 """
 
