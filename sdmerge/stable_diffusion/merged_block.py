@@ -13,6 +13,7 @@ from torch import Tensor
 from ..core import random_2d_split, tokens_to_remove
 from ..core.plan import MergePlan
 from .prompt_importance import prompt_importance
+from .randomness import stream_key
 from .unet_layout import enclosing_transformer
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class MergedBlock:
         self.cross_attention_mass: Tensor | None = None
         self.grid_source = enclosing_transformer(state.unet, name) if state.method.needs_split else None
         self.grid: tuple[int, int] | None = None
+        self.split_stream = stream_key(name)  # seed=: this block's own patterns
         self._unsplit_grids: set[tuple[int, int]] = set()  # grids too small for one window (logged)
         self.observer = None
 
@@ -110,9 +112,10 @@ class MergedBlock:
 
     def _split(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """The random 2D split of this block's token grid (recorded by :meth:`record_grid`)."""
-        config = self.state.config
-        generator = self.state.randomness.generator(device)
-        return random_2d_split(*self.grid, config.sx, config.sy, generator=generator, device=device)
+        config, randomness = self.state.config, self.state.randomness
+        cell = randomness.cells(self.split_stream, self.grid, config.sx, config.sy, device)
+        generator = randomness.generator(device)
+        return random_2d_split(*self.grid, config.sx, config.sy, generator=generator, device=device, cell=cell)
 
     def _importance(self, attn: Attention, hidden_states: Tensor) -> Tensor | None:
         """``p_i * ||v_i||`` (``sdmerge.prompt_importance``). Without ``p`` (first call of a
