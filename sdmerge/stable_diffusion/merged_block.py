@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..core import random_2d_split, tokens_to_remove
 from ..core.plan import MergePlan
+from .generation import UnweightedAtStart, uniform_mass_at_start
 from .prompt_importance import prompt_importance
 from .randomness import stream_key
 from .unet_layout import enclosing_transformer
@@ -83,6 +84,8 @@ class MergedBlock:
         split = self._split(hidden_states.device) if method.needs_split else None
         importance = self._importance(attn, hidden_states) if method.needs_importance else None
         plan = method.plan(metric, remove, importance=importance, split=split)
+        if importance is not None and method.needs_split and isinstance(self.state.generation_start, Tensor):
+            plan = UnweightedAtStart(plan, self.state.generation_start)  # cis: tome where a generation starts
         return plan, method.weights(None, importance)
 
     def _grid_holds_a_window(self, num_tokens: int) -> bool:
@@ -124,5 +127,7 @@ class MergedBlock:
         mass = self.cross_attention_mass
         if mass is None and self.state.method.needs_split:
             return None
+        if mass is not None and not self.state.method.needs_split:
+            mass = uniform_mass_at_start(mass, self.state.generation_start)
         with torch.no_grad():
             return prompt_importance(attn, hidden_states, mass)

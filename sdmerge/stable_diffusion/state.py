@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..core.plan import MergePlan
 from ..methods import Method, get_method
 from .config import MergeConfig
+from .generation import GenerationBoundary
 from .merged_block import MergedBlock
 from .plan_reuse import PlanReuse
 from .processors import TokenMergingProcessor
@@ -77,7 +78,8 @@ class MergeState:
             _check_attention(f"{block.name}.attn1", block.module.attn1, reads_probabilities=False)
             if self.method.needs_importance:
                 _check_attention(f"{block.name}.attn2", block.module.attn2, reads_probabilities=True)
-        self._previous_call: tuple[float, torch.Size] | None = None
+        self.generations = GenerationBoundary()
+        self.generation_start: bool | Tensor = True  # this call's (sdmerge.stable_diffusion.generation)
         self._layers: list[WrappedLayer] = []
         self._wrappers: list[object] = []  # every processor sdmerge made for this UNet
         self._logged_new_processors = False
@@ -189,22 +191,19 @@ class MergeState:
         sample = kwargs["sample"] if "sample" in kwargs else args[0]
         self.wrap_new_processors()
         if self.reads_timestep:
-            timestep = float(torch.as_tensor(kwargs["timestep"] if "timestep" in kwargs else args[1]).flatten()[0])
-            starts_generation = self._starts_generation(timestep, sample.shape)
-            if starts_generation:
-                for block in self.blocks:
-                    block.cross_attention_mass = None
-            self._previous_call = (timestep, sample.shape)
+            timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+            if self.plans.counts_steps:  # counting steps reads it on the host (a graph break when compiled)
+                timestep = float(torch.as_tensor(timestep).flatten()[0])
+            starts_generation = False
+            if self.method.needs_importance or self.plans.counts_steps:
+                starts_generation = self.generation_start = self.generations.start_call(timestep, sample.shape)
+                if starts_generation is True:  # known on the host; else a tensor, used by the blocks
+                    for block in self.blocks:
+                        block.cross_attention_mass = None
             self.randomness.start_call(timestep)
-            self.plans.start_call(timestep, starts_generation)
+            self.plans.start_call(timestep, starts_generation is True)
         else:
             self.plans.start_call()
-
-    def _starts_generation(self, timestep: float, shape: torch.Size) -> bool:
-        """A call starts a generation when its timestep is larger than the previous call's (the
-        diffusion goes backwards in time), or its sample's shape changed."""
-        previous = self._previous_call
-        return previous is None or timestep > previous[0] or shape != previous[1]
 
 
 @dataclass(eq=False)
