@@ -54,8 +54,9 @@ class MergeState:
 
     Per UNet call (forward pre-hook): processors set on merged layers since the last call are
     wrapped (:meth:`wrap_new_processors`); the timestep (for seeding, generation boundaries and
-    counting the steps of ``plan_every > 1``) is read only when one of them needs it, since
-    reading it synchronises with the device. Per merged
+    counting the steps of ``plan_every > 1``) is used as a tensor, and read back to the host
+    (which synchronises with the device, and breaks a compiled graph) only to count the steps
+    of ``plan_every > 1``. Per merged
     block: see :class:`MergedBlock`. Which plans are computed and which reused:
     :class:`~sdmerge.plan_reuse.PlanReuse` (``plans``).
 
