@@ -86,12 +86,12 @@ def _mix32(x: Tensor) -> Tensor:
 
 
 def _timestep_key(timestep, seed_low: int, seed_high: int) -> Tensor:
-    """``[]`` int64 in ``[0, 2**32)``: the hash of ``seed`` and the float64 bits of the timestep
-    (its first element), on the timestep's device; a number is hashed as the same float64."""
+    """``[]`` int64 in ``[0, 2**32)``: the hash of ``seed`` and the float32 bits of the timestep
+    (its first element), on the timestep's device (float32: every device has it, MPS included);
+    a number is hashed as the same float32."""
     if isinstance(timestep, Tensor):
-        value = timestep.detach().flatten()[0].to(torch.float64)
+        value = timestep.detach().flatten()[0].to(torch.float32)
     else:
-        value = torch.tensor(float(timestep), dtype=torch.float64)
-    bits = value.view(torch.int64)
-    low, high = bits & _MASK32, (bits >> 32) & _MASK32
-    return _mix32(_mix32(_mix32(high ^ seed_low) ^ low) ^ seed_high)
+        value = torch.tensor(float(timestep), dtype=torch.float32)
+    bits = value.view(torch.int32).to(torch.int64) & _MASK32
+    return _mix32(_mix32(bits ^ seed_low) ^ seed_high)
