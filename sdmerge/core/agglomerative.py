@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .device_memory import available_bytes
+from .opaque import is_compiling, opaque_agglomerative_labels
 from .plan import MergePlan
 from .rnn_rounds import GROUP_TOKENS, rnn_labels
 
@@ -183,6 +184,8 @@ def agglomerative_clustering(
         )
     if remove == 0:
         return MergePlan.identity(B, N, sizes=sizes, device=metric.device)
+    if is_compiling() and opaque_agglomerative_labels is not None:  # one opaque op in the graph (sdmerge.core.opaque)
+        return MergePlan(opaque_agglomerative_labels(metric.detach(), remove, linkage, protected), N - remove, sizes)
     labels = cluster(metric[:, protected:], free - remove, linkage, path=path) + protected
     prefix = torch.arange(protected, device=metric.device).expand(B, protected)
     return MergePlan(torch.cat([prefix, labels], dim=1), N - remove, sizes)

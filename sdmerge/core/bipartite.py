@@ -33,13 +33,22 @@ def alternating_split(num_tokens: int, protected: int = 0, device=None) -> tuple
 
 
 def random_2d_split(
-    h: int, w: int, sx: int = 2, sy: int = 2, generator: torch.Generator | None = None, device=None
+    h: int,
+    w: int,
+    sx: int = 2,
+    sy: int = 2,
+    generator: torch.Generator | None = None,
+    device=None,
+    *,
+    cell: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Stable Diffusion split of an ``h x w`` token grid (raster order), as tomesd defines it.
 
     One destination per ``sy x sx`` window: a random cell drawn with ``generator`` (one
     ``torch.randint(sy * sx, (h // sy, w // sx, 1))`` call, as tomesd), or the top-left cell
-    when ``generator`` is None. Cells outside the ``(h // sy) * sy`` by ``(w // sx) * sx``
+    when ``generator`` is None; or given: ``cell``, ``[h // sy, w // sx, 1]`` int64 in
+    ``[0, sy * sx)``, the destination of every window in raster order within it (e.g. drawn
+    with tensor ops, which compile). Cells outside the ``(h // sy) * sy`` by ``(w // sx) * sx``
     region are sources.
 
     Returns ``(src, dst)`` token indices in raster order, ``[h*w - n_dst]`` and ``[n_dst]``.
@@ -49,7 +58,11 @@ def random_2d_split(
     hsy, wsx = h // sy, w // sx
     if hsy == 0 or wsx == 0:
         raise ValueError(f"a {h}x{w} token grid has no full {sy}x{sx} window; use smaller strides")
-    if generator is None:
+    if cell is not None:
+        if cell.shape != (hsy, wsx, 1):
+            raise ValueError(f"cell must be [h // sy, w // sx, 1] = [{hsy}, {wsx}, 1], got {tuple(cell.shape)}")
+        cell = cell.to(device=device, dtype=torch.int64)
+    elif generator is None:
         cell = torch.zeros(hsy, wsx, 1, dtype=torch.int64, device=device)
     else:
         cell = torch.randint(sy * sx, size=(hsy, wsx, 1), device=generator.device, generator=generator).to(device)

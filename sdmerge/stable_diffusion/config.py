@@ -25,7 +25,8 @@ class MergeConfig:
             highest-resolution level with attention, is at most this.
         sx, sy: window of the random 2D split (one destination per ``sy x sx`` window).
         use_rand: random destination in each window (``False``: the top-left one).
-        seed: re-seed the split's generator at every UNet call from ``(seed, timestep)``.
+        seed: the split's destinations are a hash of ``(seed, timestep, block, window)``,
+            computed with tensor ops (``sdmerge.stable_diffusion.randomness``).
         plan_every: compute new merge plans at every ``plan_every``-th step of a generation
             and reuse them in between (``sdmerge.plan_reuse``); 1: every call (the papers).
         share_plans: one plan per resolution level per UNet call, computed by the level's

@@ -12,7 +12,9 @@ from torch import Tensor
 
 from ..core import random_2d_split, tokens_to_remove
 from ..core.plan import MergePlan
+from .generation import UnweightedAtStart, uniform_mass_at_start
 from .prompt_importance import prompt_importance
+from .randomness import stream_key
 from .unet_layout import enclosing_transformer
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ class MergedBlock:
         self.cross_attention_mass: Tensor | None = None
         self.grid_source = enclosing_transformer(state.unet, name) if state.method.needs_grid else None
         self.grid: tuple[int, int] | None = None
+        self.split_stream = stream_key(name)  # seed=: this block's own patterns
         self._unsplit_grids: set[tuple[int, int]] = set()  # grids too small for one window (logged)
         self.observer = None
 
@@ -102,6 +105,8 @@ class MergedBlock:
         importance = self._importance(attn, hidden_states) if method.needs_importance else None
         window = self.state.config.window if method.grouping == "grid" else None
         plan = method.plan(metric, remove, importance=importance, split=split, grid=self.grid, window=window)
+        if importance is not None and method.needs_split and isinstance(self.state.generation_start, Tensor):
+            plan = UnweightedAtStart(plan, self.state.generation_start)  # cis: tome where a generation starts
         return plan, method.weights(None, importance)
 
     def _check_grid(self, num_tokens: int) -> None:
@@ -135,9 +140,10 @@ class MergedBlock:
 
     def _split(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """The random 2D split of this block's token grid (recorded by :meth:`record_grid`)."""
-        config = self.state.config
-        generator = self.state.randomness.generator(device)
-        return random_2d_split(*self.grid, config.sx, config.sy, generator=generator, device=device)
+        config, randomness = self.state.config, self.state.randomness
+        cell = randomness.cells(self.split_stream, self.grid, config.sx, config.sy, device)
+        generator = randomness.generator(device)
+        return random_2d_split(*self.grid, config.sx, config.sy, generator=generator, device=device, cell=cell)
 
     def _importance(self, attn: Attention, hidden_states: Tensor) -> Tensor | None:
         """``p_i * ||v_i||`` (``sdmerge.prompt_importance``). Without ``p`` (first call of a
@@ -146,5 +152,7 @@ class MergedBlock:
         mass = self.cross_attention_mass
         if mass is None and self.state.method.needs_split:
             return None
+        if mass is not None and not self.state.method.needs_split:
+            mass = uniform_mass_at_start(mass, self.state.generation_start)
         with torch.no_grad():
             return prompt_importance(attn, hidden_states, mass)

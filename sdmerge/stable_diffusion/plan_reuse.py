@@ -84,7 +84,10 @@ class PlanReuse(Generic[Plan]):
     def start_call(self, timestep: float | None = None, new_generation: bool = False) -> None:
         """Begin a UNet call. ``timestep`` (needed when :attr:`counts_steps`): a call at the
         previous call's timestep is the next slot of the same step; ``new_generation``: the call
-        starts a generation (its step is 0, a plan step)."""
+        starts a generation (its step is 0, a plan step). Without reuse nothing is counted (so
+        a compiled UNet has no call counter to guard on)."""
+        if not self.enabled:
+            return
         self._call += 1
         if not self.counts_steps:
             self._step, self._slot = self._step + 1, 0

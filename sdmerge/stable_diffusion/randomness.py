@@ -5,16 +5,21 @@ from __future__ import annotations
 import hashlib
 
 import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
 
 
 class SplitRandomness:
     """Where the random destinations of the 2D split come from (bipartite methods).
 
     - ``use_rand=False``: none; the top-left cell of every window is the destination.
-    - ``seed`` given: at every UNet call the generator is re-seeded from ``(seed, timestep)``,
-      so identical pipeline calls draw identical patterns; the blocks of one call draw one
-      after another. Two UNet calls at the same timestep (e.g. the two halves of
-      classifier-free guidance run separately) get the same patterns.
+    - ``seed`` given: no generator; the destination of every window is a counter-based hash of
+      ``(seed, timestep, block, window)`` computed with int64 tensor ops on the timestep and
+      the tokens' device (no host read, no ``torch.Generator``: it compiles into the graph).
+      Identical calls draw identical patterns, on every device; the blocks of one call, the
+      timesteps and the seeds draw different ones. Two UNet calls at the same timestep (e.g.
+      the two halves of classifier-free guidance run separately) get the same patterns.
     - ``seed=None``: a generator seeded once from a copy of torch's global CPU RNG taken at
       ``apply`` (the global RNG is not advanced) keeps drawing across calls, as in tomesd;
       runs are reproducible only by calling ``torch.manual_seed`` before ``apply``.
@@ -26,24 +31,67 @@ class SplitRandomness:
         self.use_rand = use_rand
         self.seed = seed
         self._fork = torch.Generator().set_state(torch.get_rng_state()) if use_rand and seed is None else None
-        self._call_seed: int | None = None
+        self._seed_keys = _key32(f"sdmerge-split/{seed}", 2) if seed is not None else None
+        self._call_key: Tensor | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
 
     @property
     def reseeds(self) -> bool:
         return self.use_rand and self.seed is not None
 
-    def start_call(self, timestep: float) -> None:
+    def start_call(self, timestep) -> None:
+        """``timestep``: the UNet call's (a tensor, whose first element counts, or a number)."""
         if self.reseeds:
-            digest = hashlib.blake2b(f"{self.seed}/{timestep!r}".encode(), digest_size=8).digest()
-            self._call_seed = int.from_bytes(digest, "little") >> 1  # 63 bits: any torch seed
-            self._generators.clear()
+            self._call_key = _timestep_key(timestep, *self._seed_keys)
+
+    def cells(self, stream: int, grid: tuple[int, int], sx: int, sy: int, device: torch.device) -> Tensor | None:
+        """With ``seed``: the destination cell of every ``sy x sx`` window of ``grid``,
+        ``[h // sy, w // sx, 1]`` int64 on ``device`` (``stream``: the block's :func:`stream_key`);
+        ``None`` otherwise (the split then uses :meth:`generator`)."""
+        if not self.reseeds:
+            return None
+        height, width = grid
+        windows = torch.arange((height // sy) * (width // sx), device=device, dtype=torch.int64)
+        key = _mix32(self._call_key.to(device) ^ stream)
+        return (_mix32(_mix32(windows ^ key) ^ stream) % (sx * sy)).view(height // sy, width // sx, 1)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
-        if not self.use_rand:
+        if not self.use_rand or self.reseeds:
             return None
         generator = self._generators.get(device)
         if generator is None:
-            seed = self._call_seed if self.reseeds else int(torch.randint(2**63 - 1, (), generator=self._fork))
+            seed = int(torch.randint(2**63 - 1, (), generator=self._fork))
             generator = self._generators[device] = torch.Generator(device).manual_seed(seed)
         return generator
+
+
+def stream_key(name: str) -> int:
+    """A 32-bit key for one merged block (by its name): its own stream of seeded patterns."""
+    return _key32(f"sdmerge-block/{name}", 1)[0]
+
+
+def _key32(text: str, count: int) -> tuple[int, ...]:
+    digest = hashlib.blake2b(text.encode(), digest_size=4 * count).digest()
+    return tuple(int.from_bytes(digest[4 * i : 4 * i + 4], "little") for i in range(count))
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A bijective 32-bit integer hash (xorshift-multiply, as Wellons' lowbias32) of int64 values
+    in ``[0, 2**32)``; the odd multipliers are below ``2**31``, so no product overflows int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _timestep_key(timestep, seed_low: int, seed_high: int) -> Tensor:
+    """``[]`` int64 in ``[0, 2**32)``: the hash of ``seed`` and the float32 bits of the timestep
+    (its first element), on the timestep's device (float32: every device has it, MPS included);
+    a number is hashed as the same float32."""
+    if isinstance(timestep, Tensor):
+        value = timestep.detach().flatten()[0].to(torch.float32)
+    else:
+        value = torch.tensor(float(timestep), dtype=torch.float32)
+    bits = value.view(torch.int32).to(torch.int64) & _MASK32
+    return _mix32(_mix32(bits ^ seed_low) ^ seed_high)

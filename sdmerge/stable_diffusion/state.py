@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..core.plan import MergePlan
 from ..methods import Method, get_method
 from .config import MergeConfig
+from .generation import GenerationBoundary
 from .merged_block import MergedBlock
 from .plan_reuse import PlanReuse
 from .processors import CrossAttentionMergingProcessor, FeedForwardMerging, TokenMergingProcessor
@@ -54,8 +55,9 @@ class MergeState:
 
     Per UNet call (forward pre-hook): processors set on merged layers since the last call are
     wrapped (:meth:`wrap_new_processors`); the timestep (for seeding, generation boundaries and
-    counting the steps of ``plan_every > 1``) is read only when one of them needs it, since
-    reading it synchronises with the device. Per merged
+    counting the steps of ``plan_every > 1``) is used as a tensor, and read back to the host
+    (which synchronises with the device, and breaks a compiled graph) only to count the steps
+    of ``plan_every > 1``. Per merged
     block: see :class:`MergedBlock`. Which plans are computed and which reused:
     :class:`~sdmerge.plan_reuse.PlanReuse` (``plans``).
 
@@ -79,6 +81,8 @@ class MergeState:
         self.blocks = [
             MergedBlock(name, block, self) for name, block, _ in blocks_to_merge(unet, config.max_downsample)
         ]
+        self.generations = GenerationBoundary()
+        self.generation_start: bool | Tensor = True  # this call's (sdmerge.stable_diffusion.generation)
         self._layers: list[WrappedLayer] = []
         for block in self.blocks:
             self._layers.extend(self._layers_of(block))
@@ -86,7 +90,6 @@ class MergeState:
             _check_attention(layer.name, layer.attn, merges=layer.merges, reads_probabilities=layer.reads_probabilities)
         self.merging = True
         self._unmerged_generation_start = False  # a generation started in a call outside timestep_range
-        self._previous_call: tuple[float, torch.Size] | None = None
         self._wrappers: list[object] = []  # every processor sdmerge made for this UNet
         self._logged_new_processors = False
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -226,27 +229,24 @@ class MergeState:
         sample = kwargs["sample"] if "sample" in kwargs else args[0]
         self.wrap_new_processors()
         if self.reads_timestep:
-            timestep = float(torch.as_tensor(kwargs["timestep"] if "timestep" in kwargs else args[1]).flatten()[0])
-            starts_generation = self._starts_generation(timestep, sample.shape)
-            if starts_generation:
-                for block in self.blocks:
-                    block.cross_attention_mass = None
-            self._previous_call = (timestep, sample.shape)
-            self.merging = self.config.merges_at(timestep)
+            timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+            if self.plans.counts_steps or self.config.timestep_range is not None:
+                timestep = float(torch.as_tensor(timestep).flatten()[0])  # on the host: a graph break when compiled
+            starts_generation = False
+            if self.method.needs_importance or self.plans.counts_steps:
+                starts_generation = self.generation_start = self.generations.start_call(timestep, sample.shape)
+                if starts_generation is True:  # known on the host; else a tensor, used by the blocks
+                    for block in self.blocks:
+                        block.cross_attention_mass = None
+            self.merging = self.config.merges_at(timestep) if self.config.timestep_range is not None else True
             if not self.merging:
-                self._unmerged_generation_start |= starts_generation
+                self._unmerged_generation_start |= starts_generation is True
                 return
             self.randomness.start_call(timestep)
-            self.plans.start_call(timestep, starts_generation or self._unmerged_generation_start)
+            self.plans.start_call(timestep, starts_generation is True or self._unmerged_generation_start)
             self._unmerged_generation_start = False
         else:
             self.plans.start_call()
-
-    def _starts_generation(self, timestep: float, shape: torch.Size) -> bool:
-        """A call starts a generation when its timestep is larger than the previous call's (the
-        diffusion goes backwards in time), or its sample's shape changed."""
-        previous = self._previous_call
-        return previous is None or timestep > previous[0] or shape != previous[1]
 
 
 @dataclass(eq=False)
