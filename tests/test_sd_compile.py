@@ -31,6 +31,11 @@ CASES = {
     "cis-seed": ("cis", {"seed": 0}),
     "atc_average": ("atc_average", {}),
     "crucial": ("crucial", {}),
+    "grid": ("grid", {}),
+    "grid-kv_only": ("grid", {"kv_only": True}),
+    "tome-fixed-all-branches-kv_only": (
+        "tome", {"use_rand": False, "kv_only": True, "merge_crossattn": True, "merge_mlp": True}
+    ),
 }
 # cis and crucial keep the previous call's prompt mass: the first call has none (Python None),
 # so the second call compiles once more; every later call, new generations included, reuses it.
