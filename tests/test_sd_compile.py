@@ -113,6 +113,27 @@ def test_plan_every_reads_the_timestep_and_breaks_the_graph_there():
         calls(torch.compile(unet, backend="aot_eager", fullgraph=True), sample, context, timesteps)
 
 
+def test_timestep_range_reads_the_timestep_and_compiles_one_graph_per_side_of_the_range():
+    unet = one_level_unet()
+    sample, context = unet_inputs(size=8)
+    timesteps = (999, 900, 800, 700, 600, 500)  # merged down to 650, then unmerged
+    sdmerge.apply(unet, "tome", r=0.5, use_rand=False, timestep_range=(650, 1000))
+    eager = calls(unet, sample, context, timesteps)
+    sdmerge.apply(unet, "tome", r=0.5, use_rand=False, timestep_range=(650, 1000))
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(unet, backend=counter)
+    frames = []
+    with torch.no_grad():
+        for t, expected in zip(timesteps, eager):
+            assert torch.equal(compiled(sample, torch.tensor(t), context).sample, expected), t
+            frames.append(counter.frame_count)
+    assert frames[0] == frames[3] < frames[4] == frames[5]  # one recompile: the first unmerged call
+    torch._dynamo.reset()
+    sdmerge.apply(unet, "tome", r=0.5, use_rand=False, timestep_range=(650, 1000))
+    with pytest.raises(Exception, match="data-dependent"):  # float(timestep), compared with the range
+        calls(torch.compile(unet, backend="aot_eager", fullgraph=True), sample, context, timesteps)
+
+
 # --- the seeded split: tensor ops, no generator ---------------------------------------------------
 
 
