@@ -117,7 +117,11 @@ def test_proportional_attention_counts_a_token_as_many_times_as_its_size():
 def test_method_registry():
     assert sdmerge.METHODS == tuple(METHODS)
     assert {m for m in METHODS if "sd" in METHODS[m].models} == {
-        "tome", "atc_single", "atc_complete", "atc_average", "cis", "crucial"}
+        "tome", "atc_single", "atc_complete", "atc_average", "cis", "crucial", "grid"}
+    with pytest.raises(ValueError, match="unknown method 'grid' for vit models"):
+        get_method("grid", "vit")
+    with pytest.raises(ValueError, match="needs the token grid and the window"):
+        get_method("grid", "sd").plan(torch.randn(2, 16, 4), 12)
     with pytest.raises(ValueError, match="unknown method 'tomee'; valid methods: tome, atc_single"):
         get_method("tomee", "sd")
     with pytest.raises(ValueError, match="unknown method 'topk' for sd models"):
