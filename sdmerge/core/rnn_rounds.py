@@ -205,7 +205,7 @@ class _RNNClustering:
             stop = start + count
             by_row = new[start:stop].t().contiguous()  # [N, count]
             self.D[sample].scatter_(1, i[start:stop].view(1, count).expand(N, count), by_row)
-            self.D[sample].scatter_(1, j[start:stop].view(1, count).expand(N, count), _INF)
+            self.D[sample].index_fill_(1, j[start:stop].sort().values, _INF)  # ascending: row by row
             torch.amin(by_row, dim=1, out=undercut[sample])
             start = stop
         self.diagonal.fill_(_INF)
