@@ -105,6 +105,7 @@ class _RNNClustering:
         self.one = torch.ones((), dtype=torch.int64, device=device)
         self.zero = torch.zeros((), dtype=torch.int64, device=device)
         self.low_merges = torch.empty(B, N, dtype=torch.int64, device=device)
+        self.buffer = torch.empty(0, dtype=dtype, device=device)  # "touched": the pairs' rows
         self.rounds = 0
 
     def merge_round(self, need: int) -> bool:
@@ -157,8 +158,13 @@ class _RNNClustering:
             new = _lance_williams(stacked, 0, self.linkage, sizes, total, out=stacked[0])
             _same_round_distances_(new, i, j, b, sizes, total, self.linkage)
             self._write_dense(b, ij, flat_ij, flat_j, pair_rows, stacked[1])
-        else:
-            new = self._union_rows(flat_ij.view(2, P), sizes, total)
+        else:  # one gather into a buffer kept across rounds (fresh pages are slow), in place
+            stacked = self._gather_rows(flat_ij).view(2, P, N)
+            new = stacked[0]
+            if self.linkage == "average":  # scipy's numbers, as _lance_williams computes them
+                new.mul_(sizes[0]).add_(stacked[1].mul_(sizes[1])).div_(total)
+            else:
+                _lance_williams(stacked, 0, self.linkage, out=new)
             counts = kept.sum(dim=-1).tolist()
             for start, stop in _sample_groups(counts):  # whole samples, so that each block stays small
                 _same_round_distances_(
@@ -181,24 +187,12 @@ class _RNNClustering:
         self.diagonal.fill_(_INF)
         torch.min(self.D, dim=-1, keepdim=True, out=(self.nn_dist3, self.nn3))
 
-    def _union_rows(self, flat_ij: Tensor, sizes: Tensor | None, total: Tensor | None) -> Tensor:
-        """The unions' rows ``[P, N]`` by Lance-Williams over the rows of the pairs
-        ``flat_ij [2, P]`` (kept slots, then their partners), a few pairs at a time: their rows
-        are gathered into one small buffer that stays in the CPU's caches."""
-        P, N = flat_ij.shape[1], self.N
-        new = torch.empty(P, N, dtype=self.D.dtype, device=self.D.device)
-        chunk = max(1, _CHUNK_ELEMENTS // (2 * N))
-        buffer = torch.empty(2 * min(chunk, P) * N, dtype=self.D.dtype, device=self.D.device)
-        for start in range(0, P, chunk):
-            stop = min(P, start + chunk)
-            stacked = buffer[: 2 * (stop - start) * N].view(2 * (stop - start), N)
-            torch.index_select(self.rows, 0, flat_ij[:, start:stop].reshape(-1), out=stacked)
-            _lance_williams(
-                stacked.view(2, stop - start, N), 0, self.linkage,
-                None if sizes is None else sizes[:, start:stop], None if total is None else total[start:stop],
-                out=new[start:stop],
-            )
-        return new
+    def _gather_rows(self, flat: Tensor) -> Tensor:
+        """Rows ``flat`` of the matrix, ``[len(flat), N]``, in a buffer reused by later rounds."""
+        size = flat.numel() * self.N
+        if self.buffer.numel() < size:
+            self.buffer = torch.empty(size, dtype=self.D.dtype, device=self.D.device)
+        return torch.index_select(self.rows, 0, flat, out=self.buffer[:size].view(flat.numel(), self.N))
 
     def _write_touched(self, counts: list[int], i: Tensor, flat_i: Tensor, new: Tensor) -> Tensor:
         """Little memory traffic: rows i; then, sample by sample (``counts`` pairs each), columns i
