@@ -12,10 +12,12 @@ Input: a symmetric distance matrix ``[B, N, N]`` per batch; output: labels ``[B,
   get their distance by Lance-Williams applied twice, as scipy computes it when the pair with
   the smaller slot merges first; both entries ``(p, q)`` and ``(q, p)`` take that value, so the
   matrix stays exactly symmetric.
-* Slot ``i`` holds the cluster whose smallest token is ``i``; absorbed slots get +inf columns
-  (and rows, where rows are read). Nearest neighbours are exact (smallest distance, then
-  smallest index: ``torch.min``'s first minimum), so the nearest-neighbour graph has no cycle
-  longer than two and every round with two or more clusters left finds a pair.
+* Slot ``i`` holds the cluster whose smallest token is ``i``; absorbed slots are never nearest
+  neighbours again (``"dense"``: their columns and rows become +inf; ``"touched"``: rows read
+  are masked by the active slots, absorbed columns are never written). Nearest neighbours are
+  exact (smallest distance, then smallest index: ``torch.min``'s first minimum), so the
+  nearest-neighbour graph has no cycle longer than two and every round with two or more
+  clusters left finds a pair.
 * A round is one fixed sequence of whole-batch tensor operations: the pairs are the slots with
   ``nn[nn[x]] == x`` (``x < nn[x]`` keeps the pair, ``x > nn[x]`` is absorbed), heights, parents
   and rounds are recorded with masks, and one ``nonzero`` (the only host synchronisation a
@@ -25,7 +27,9 @@ Input: a symmetric distance matrix ``[B, N, N]`` per batch; output: labels ``[B,
   ``"dense"``: one ``min`` over the whole matrix, no synchronisation (accelerators);
   ``"touched"``: only rows that can have changed -- the new clusters, rows whose neighbour was
   merged, rows a new cluster ties or undercuts -- listed by a second ``nonzero`` (CPU: ``S x N``
-  work instead of ``N x N``; columns are written from the transposed new rows, row by row).
+  work instead of ``N x N``; the pairs' rows are gathered into one buffer kept across rounds,
+  since fresh pages cost more than the copy; columns are written from the transposed new rows,
+  row by row).
   Rows whose neighbour survives keep it exactly: by reducibility their distance to a union is
   at least their old nearest distance.
 * The linkages are monotone, so the ``k``-cluster cut consists of the ``N - k`` lowest merges,
@@ -105,7 +109,8 @@ class _RNNClustering:
         self.one = torch.ones((), dtype=torch.int64, device=device)
         self.zero = torch.zeros((), dtype=torch.int64, device=device)
         self.low_merges = torch.empty(B, N, dtype=torch.int64, device=device)
-        self.buffer = torch.empty(0, dtype=dtype, device=device)  # "touched": the pairs' rows
+        # "touched": scratch kept across rounds (the pairs' rows; the unions' rows transposed)
+        self.scratch = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]
         self.rounds = 0
 
     def merge_round(self, need: int) -> bool:
@@ -159,7 +164,7 @@ class _RNNClustering:
             _same_round_distances_(new, i, j, b, sizes, total, self.linkage)
             self._write_dense(b, ij, flat_ij, flat_j, pair_rows, stacked[1])
         else:  # one gather into a buffer kept across rounds (fresh pages are slow), in place
-            stacked = self._gather_rows(flat_ij).view(2, P, N)
+            stacked = torch.index_select(self.rows, 0, flat_ij, out=self._scratch(0, 2 * P, N)).view(2, P, N)
             new = stacked[0]
             if self.linkage == "average":  # scipy's numbers, as _lance_williams computes them
                 new.mul_(sizes[0]).add_(stacked[1].mul_(sizes[1])).div_(total)
@@ -187,12 +192,11 @@ class _RNNClustering:
         self.diagonal.fill_(_INF)
         torch.min(self.D, dim=-1, keepdim=True, out=(self.nn_dist3, self.nn3))
 
-    def _gather_rows(self, flat: Tensor) -> Tensor:
-        """Rows ``flat`` of the matrix, ``[len(flat), N]``, in a buffer reused by later rounds."""
-        size = flat.numel() * self.N
-        if self.buffer.numel() < size:
-            self.buffer = torch.empty(size, dtype=self.D.dtype, device=self.D.device)
-        return torch.index_select(self.rows, 0, flat, out=self.buffer[:size].view(flat.numel(), self.N))
+    def _scratch(self, which: int, rows: int, columns: int) -> Tensor:
+        """A contiguous ``[rows, columns]`` tensor in scratch buffer ``which``, grown when needed."""
+        if self.scratch[which].numel() < rows * columns:
+            self.scratch[which] = torch.empty(rows * columns, dtype=self.D.dtype, device=self.D.device)
+        return self.scratch[which][: rows * columns].view(rows, columns)
 
     def _write_touched(self, counts: list[int], i: Tensor, flat_i: Tensor, new: Tensor) -> Tensor:
         """Little memory traffic: rows i; then, sample by sample (``counts`` pairs each), columns i
@@ -209,7 +213,7 @@ class _RNNClustering:
             if count == 0:
                 continue
             stop = start + count
-            by_row = new[start:stop].t().contiguous()  # [N, count]
+            by_row = self._scratch(1, N, count).copy_(new[start:stop].t())
             self.D[sample].scatter_(1, i[start:stop].view(1, count).expand(N, count), by_row)
             torch.amin(by_row, dim=1, out=undercut[sample])
             start = stop
