@@ -6,11 +6,16 @@ here equals scipy's ``fcluster(linkage(d, method), k, "maxclust")`` on the same 
 distance matrix ``d`` (ties aside), for every sample of the batch at once, on the tensors'
 device. The merge rounds are in :mod:`sdmerge.core.rnn_rounds`.
 
-Paths (``path=``), both exact, differing only in how nearest neighbours are refreshed after a
-round: ``"accelerator"`` recomputes them with one ``min`` over the whole matrix (one host
+Paths (``path=``), both exact, differing in how nearest neighbours are refreshed after a round:
+``"accelerator"`` recomputes them with one ``min`` over the whole matrix (one host
 synchronisation per round, a fixed sequence of operations); ``"cpu"`` recomputes only the rows
 that can have changed (two synchronisations per round, far less memory traffic). ``"auto"``
 picks ``"cpu"`` for CPU tensors and ``"accelerator"`` for any other device.
+
+Single linkage on the ``"cpu"`` path does not run merge rounds (chain-like clusters need many
+of them: about 170 at 4096 random tokens): each sample's matrix goes, on the host, to scipy's
+minimum-spanning-tree routine (``scipy.cluster.hierarchy.linkage(..., "single")``), the same
+routine as the reference, on the same matrix; the cut keeps its ``N - k`` lowest merges.
 
 The distance matrix is ``[B, N, N]``: float64 for average linkage (its updates are new
 numbers, computed as scipy computes them), the metric's float32 for single/complete (their
@@ -20,10 +25,14 @@ updates only pick existing entries, so float32 storage is exact). Before it is a
 
 from __future__ import annotations
 
+import math
 import numbers
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.cluster.hierarchy import linkage as scipy_linkage
+from scipy.spatial.distance import squareform
 from torch import Tensor
 
 from .device_memory import available_bytes
@@ -139,7 +148,8 @@ def cluster(metric: Tensor, k: int, linkage: str = "average", *, path: str = "au
 
 
 def cluster_with_rounds(metric: Tensor, k: int, linkage: str = "average", *, path: str = "auto") -> tuple[Tensor, int]:
-    """:func:`cluster`, also returning the number of merge rounds it ran."""
+    """:func:`cluster`, also returning the number of merge rounds it ran (0 for single linkage on
+    the ``"cpu"`` path, which runs none)."""
     check_linkage(linkage)
     if metric.dim() != 3:
         raise ValueError(f"metric must be [B, N, D], got shape {tuple(metric.shape)}")
@@ -149,10 +159,45 @@ def cluster_with_rounds(metric: Tensor, k: int, linkage: str = "average", *, pat
     k = int(k)
     if not 1 <= k <= N:
         raise ValueError(f"k={k} clusters requested for {N} tokens; allowed: 1 <= k <= {N}")
-    neighbours = _NEIGHBOURS[resolve_path(path, metric.device)]
+    path = resolve_path(path, metric.device)
     dtype = _working_dtype(metric.dtype, linkage)
     check_memory(B, N, dtype, metric.device)
-    return rnn_labels(cosine_distances(metric, dtype), k, linkage, neighbours)
+    return _labels_and_rounds(cosine_distances(metric, dtype), k, linkage, path)
+
+
+def _labels_and_rounds(distances: Tensor, k: int, linkage: str, path: str) -> tuple[Tensor, int]:
+    """Labels and merge rounds from a distance matrix (consumed) on a resolved path."""
+    if path == "cpu" and linkage == "single":
+        return _minimum_spanning_tree_labels(distances, k), 0
+    return rnn_labels(distances, k, linkage, _NEIGHBOURS[path])
+
+
+def _minimum_spanning_tree_labels(distances: Tensor, k: int) -> Tensor:
+    """Single linkage on the host, one sample at a time: scipy's minimum-spanning-tree linkage of
+    the upper triangle (as the reference computes it), then the ``N - k`` lowest merges."""
+    B, N, _ = distances.shape
+    if k == N:
+        return torch.arange(N, device=distances.device).expand(B, N).clone()
+    samples = [scipy_linkage(squareform(d, checks=False), "single") for d in distances.cpu().numpy()]
+    return torch.from_numpy(np.stack([_cut_linkage_matrix(z, k) for z in samples])).to(distances.device)
+
+
+def _cut_linkage_matrix(z: np.ndarray, k: int) -> np.ndarray:
+    """Labels ``[N]`` (0..k-1, numbered by first token) after the first ``N - k`` merges of a
+    scipy linkage matrix ``z`` (rows sorted by height; row ``m`` joins nodes ``z[m, 0]`` and
+    ``z[m, 1]`` into node ``N + m``). Exactly ``k`` clusters even when heights tie at the cut,
+    where ``fcluster(maxclust)`` can give fewer; otherwise the same partition."""
+    N = z.shape[0] + 1
+    merges = N - k
+    parent = np.arange(2 * N - 1)
+    joined = z[:merges, :2].astype(np.int64)
+    parent[joined] = N + np.arange(merges)[:, None]
+    for _ in range(max(1, math.ceil(math.log2(N)))):  # pointer jumping: each node to its root
+        parent = parent[parent]
+    roots, first_token, inverse = np.unique(parent[:N], return_index=True, return_inverse=True)
+    rank = np.empty(len(roots), dtype=np.int64)
+    rank[np.argsort(first_token)] = np.arange(len(roots))
+    return rank[inverse.reshape(N)]
 
 
 def agglomerative_clustering(
@@ -194,4 +239,4 @@ def agglomerative_clustering(
 def agglomerative_labels(distances: Tensor, k: int, linkage: str, *, path: str = "auto") -> Tensor:
     """Cluster labels ``[B, N]`` from a distance matrix ``[B, N, N]``, which is consumed (overwritten)."""
     check_linkage(linkage)
-    return rnn_labels(distances, k, linkage, _NEIGHBOURS[resolve_path(path, distances.device)])[0]
+    return _labels_and_rounds(distances, k, linkage, resolve_path(path, distances.device))[0]

@@ -12,10 +12,12 @@ Input: a symmetric distance matrix ``[B, N, N]`` per batch; output: labels ``[B,
   get their distance by Lance-Williams applied twice, as scipy computes it when the pair with
   the smaller slot merges first; both entries ``(p, q)`` and ``(q, p)`` take that value, so the
   matrix stays exactly symmetric.
-* Slot ``i`` holds the cluster whose smallest token is ``i``; absorbed slots get +inf columns
-  (and rows, where rows are read). Nearest neighbours are exact (smallest distance, then
-  smallest index: ``torch.min``'s first minimum), so the nearest-neighbour graph has no cycle
-  longer than two and every round with two or more clusters left finds a pair.
+* Slot ``i`` holds the cluster whose smallest token is ``i``; absorbed slots are never nearest
+  neighbours again (``"dense"``: their columns and rows become +inf; ``"touched"``: rows read
+  are masked by the active slots, absorbed columns are never written). Nearest neighbours are
+  exact (smallest distance, then smallest index: ``torch.min``'s first minimum), so the
+  nearest-neighbour graph has no cycle longer than two and every round with two or more
+  clusters left finds a pair.
 * A round is one fixed sequence of whole-batch tensor operations: the pairs are the slots with
   ``nn[nn[x]] == x`` (``x < nn[x]`` keeps the pair, ``x > nn[x]`` is absorbed), heights, parents
   and rounds are recorded with masks, and one ``nonzero`` (the only host synchronisation a
@@ -25,7 +27,9 @@ Input: a symmetric distance matrix ``[B, N, N]`` per batch; output: labels ``[B,
   ``"dense"``: one ``min`` over the whole matrix, no synchronisation (accelerators);
   ``"touched"``: only rows that can have changed -- the new clusters, rows whose neighbour was
   merged, rows a new cluster ties or undercuts -- listed by a second ``nonzero`` (CPU: ``S x N``
-  work instead of ``N x N``; columns are written from the transposed new rows, row by row).
+  work instead of ``N x N``; the pairs' rows are gathered into one buffer kept across rounds,
+  since fresh pages cost more than the copy; columns are written from the transposed new rows,
+  row by row).
   Rows whose neighbour survives keep it exactly: by reducibility their distance to a union is
   at least their old nearest distance.
 * The linkages are monotone, so the ``k``-cluster cut consists of the ``N - k`` lowest merges,
@@ -105,6 +109,8 @@ class _RNNClustering:
         self.one = torch.ones((), dtype=torch.int64, device=device)
         self.zero = torch.zeros((), dtype=torch.int64, device=device)
         self.low_merges = torch.empty(B, N, dtype=torch.int64, device=device)
+        # "touched": scratch kept across rounds (the pairs' rows; the unions' rows transposed)
+        self.scratch = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]
         self.rounds = 0
 
     def merge_round(self, need: int) -> bool:
@@ -137,42 +143,41 @@ class _RNNClustering:
 
     def _merge(self, flat_i: Tensor, kept: Tensor, absorbed: Tensor) -> None:
         """Merge the pairs of the kept slots ``flat_i = b * N + i`` with ``j = nn[b, i]``: rows and
-        columns ``i`` become the unions, columns ``j`` (and rows ``j`` where they are read) +inf;
-        then refresh the nearest neighbours."""
+        columns ``i`` become the unions; then refresh the nearest neighbours. (``new`` below, the
+        unions' rows, ends exact at every active column but the union's own, reset with the
+        diagonal.)"""
         N, P = self.N, flat_i.numel()
         b, i = flat_i.div(N, rounding_mode="floor"), flat_i.remainder(N)
         j = self.nn.take(flat_i)
         flat_j = flat_i - i + j
         flat_ij, ij = torch.cat((flat_i, flat_j)), torch.cat((i, j))
-        # [2P, N]: rows i, then rows j (indexing: fewer operations; index_select: faster on CPUs)
-        pair_rows = self.rows[flat_ij] if self.neighbours == "dense" else self.rows.index_select(0, flat_ij)
-        stacked = pair_rows.view(2, P, N)
-        new = stacked[0]
         sizes = total = None
         if self.linkage == "average":
             sizes = self.size.take(flat_ij).view(2, P, 1)
             total = sizes.sum(dim=0)  # [P, 1]
             self.size.index_copy_(0, flat_i, total.view(P))
-        if self.neighbours == "touched" and self.linkage == "average":  # the same numbers, in place
-            new.mul_(sizes[0]).add_(stacked[1].mul_(sizes[1])).div_(total)
-        else:  # fewer operations
-            _lance_williams(stacked, 0, self.linkage, sizes, total, out=new)
+        self.active ^= absorbed  # absorbed slots are active: exclusive or clears them
         if self.neighbours == "dense":
+            pair_rows = self.rows[flat_ij]  # [2P, N]: rows i, then rows j
+            stacked = pair_rows.view(2, P, N)
+            new = _lance_williams(stacked, 0, self.linkage, sizes, total, out=stacked[0])
             _same_round_distances_(new, i, j, b, sizes, total, self.linkage)
-        else:  # whole samples at a time (host counts), so that each block stays small
+            self._write_dense(b, ij, flat_ij, flat_j, pair_rows, stacked[1])
+        else:  # one gather into a buffer kept across rounds (fresh pages are slow), in place
+            stacked = torch.index_select(self.rows, 0, flat_ij, out=self._scratch(0, 2 * P, N)).view(2, P, N)
+            new = stacked[0]
+            if self.linkage == "average":  # scipy's numbers, as _lance_williams computes them
+                new.mul_(sizes[0]).add_(stacked[1].mul_(sizes[1])).div_(total)
+            else:
+                _lance_williams(stacked, 0, self.linkage, out=new)
             counts = kept.sum(dim=-1).tolist()
-            for start, stop in _sample_groups(counts):
+            for start, stop in _sample_groups(counts):  # whole samples, so that each block stays small
                 _same_round_distances_(
                     new[start:stop], i[start:stop], j[start:stop], b[start:stop],
                     None if sizes is None else sizes[:, start:stop], None if total is None else total[start:stop],
                     self.linkage,
                 )
-        # ``new`` is now exact at every active column but the union's own (reset with the diagonal).
-        if self.neighbours == "dense":
-            self._write_dense(b, ij, flat_ij, flat_j, pair_rows, stacked[1])
-        else:
-            self._refresh_touched(self._write_touched(counts, i, j, flat_i, new), kept, absorbed)
-        self.active ^= absorbed  # absorbed slots are active: exclusive or clears them
+            self._refresh_touched(self._write_touched(counts, i, flat_i, new), kept, absorbed)
 
     def _write_dense(
         self, b: Tensor, ij: Tensor, flat_ij: Tensor, flat_j: Tensor, pair_rows: Tensor, gone: Tensor
@@ -187,14 +192,19 @@ class _RNNClustering:
         self.diagonal.fill_(_INF)
         torch.min(self.D, dim=-1, keepdim=True, out=(self.nn_dist3, self.nn3))
 
-    def _write_touched(
-        self, counts: list[int], i: Tensor, j: Tensor, flat_i: Tensor, new: Tensor
-    ) -> Tensor:
+    def _scratch(self, which: int, rows: int, columns: int) -> Tensor:
+        """A contiguous ``[rows, columns]`` tensor in scratch buffer ``which``, grown when needed."""
+        if self.scratch[which].numel() < rows * columns:
+            self.scratch[which] = torch.empty(rows * columns, dtype=self.D.dtype, device=self.D.device)
+        return self.scratch[which][: rows * columns].view(rows, columns)
+
+    def _write_touched(self, counts: list[int], i: Tensor, flat_i: Tensor, new: Tensor) -> Tensor:
         """Little memory traffic: rows i; then, sample by sample (``counts`` pairs each), columns i
         from the transposed rows (each matrix row is written at a few columns, not each column
-        down all rows) and columns j +inf (rows j are never read again). Returns, per slot
-        ``[B, N]``, the smallest distance to a union of its sample (the unions' own entries are
-        stale, but the unions are refreshed anyway)."""
+        down all rows). Absorbed columns are left as they are (refreshed rows are masked by the
+        active slots) and rows j are never read again. Returns, per slot ``[B, N]``, the smallest
+        distance to a union of its sample (entries of inactive slots and of the unions
+        themselves are stale, but those slots are inactive or refreshed anyway)."""
         N = self.N
         self.rows.index_copy_(0, flat_i, new)
         undercut = torch.full((self.B, N), _INF, dtype=new.dtype, device=new.device)
@@ -203,9 +213,8 @@ class _RNNClustering:
             if count == 0:
                 continue
             stop = start + count
-            by_row = new[start:stop].t().contiguous()  # [N, count]
+            by_row = self._scratch(1, N, count).copy_(new[start:stop].t())
             self.D[sample].scatter_(1, i[start:stop].view(1, count).expand(N, count), by_row)
-            self.D[sample].scatter_(1, j[start:stop].view(1, count).expand(N, count), _INF)
             torch.amin(by_row, dim=1, out=undercut[sample])
             start = stop
         self.diagonal.fill_(_INF)
@@ -213,15 +222,19 @@ class _RNNClustering:
 
     def _refresh_touched(self, undercut: Tensor, kept: Tensor, absorbed: Tensor) -> None:
         """Nearest neighbours of only the rows whose neighbour can have changed: the unions, rows
-        whose neighbour was merged, rows a union ties or undercuts."""
+        whose neighbour was merged, rows a union ties or undercuts; over active columns only."""
         stale = (kept | absorbed).gather(1, self.nn) | (undercut <= self.nn_dist) | kept
-        stale &= self.active & ~absorbed
+        stale &= self.active
         self.nn_dist.masked_fill_(absorbed, _INF)
         flat = stale.view(-1).nonzero().view(-1)  # host synchronisation: the rows to refresh
+        samples = flat.div(self.N, rounding_mode="floor")
+        inactive = ~self.active
         chunk = max(1, _CHUNK_ELEMENTS // self.N)  # rows gathered at a time stay in the CPU's caches
         for start in range(0, flat.numel(), chunk):
             rows = flat[start : start + chunk]
-            value, index = self.rows.index_select(0, rows).min(dim=-1)
+            distances = self.rows.index_select(0, rows)
+            distances.masked_fill_(inactive.index_select(0, samples[start : start + chunk]), _INF)
+            value, index = distances.min(dim=-1)
             self.nn_dist.view(-1).index_copy_(0, rows, value)
             self.nn.view(-1).index_copy_(0, rows, index)
 
