@@ -196,11 +196,12 @@ REFERENCE = "tomesd ratio=0.5"  # the arm every arm of the modes mode is compare
 def modes_settings(branch_variants=BRANCH_VARIANTS, kv_keep_rates=(0.5, 0.25)) -> list[Setting]:
     """The arms of the modes mode: unpatched; tomesd and sdmerge ``tome`` at 0.5 with each
     ``(label, options)`` of ``branch_variants``; ``kv_only`` for ``tome`` and ``grid`` at each of
-    ``kv_keep_rates``; ``grid`` merging at 0.25. The first tomesd arm is :data:`REFERENCE`."""
+    ``kv_keep_rates``; ``grid`` merging at 0.25. The first tomesd arm is :data:`REFERENCE`; each
+    tomesd arm runs right before the sdmerge arm it is paired with (a drift of the machine's speed
+    within a repetition then hardly enters the pair's ratio)."""
     out = [Setting("unpatched", "none")]
-    for library in ("tomesd", "sdmerge"):
-        for label, options in branch_variants:
-            name = REFERENCE if library == "tomesd" else "sdmerge tome r=0.5"
+    for label, options in branch_variants:  # each tomesd arm right before its sdmerge pair
+        for library, name in (("tomesd", REFERENCE), ("sdmerge", "sdmerge tome r=0.5")):
             out.append(Setting(f"{name}, {label}" if label else name, library, "tome", 0.5, dict(options)))
     for method in ("tome", "grid"):
         for keep_rate in kv_keep_rates:

@@ -79,7 +79,7 @@ def test_step_mode_at_tiny_widths():
 def test_modes_mode_at_tiny_widths():
     table = bench_unet.run_resolution(sd15_unet(), 128, 1, torch.float32, CPU, batch=2, table=bench_unet.modes_settings())
     labels = [s.label for s in table]
-    assert labels[:3] == ["unpatched", "tomesd ratio=0.5", "tomesd ratio=0.5, merge_crossattn"]
+    assert labels[:4] == ["unpatched", "tomesd ratio=0.5", "sdmerge tome r=0.5", "tomesd ratio=0.5, merge_crossattn"]
     assert "sdmerge tome r=0.5, merge_crossattn, merge_mlp" in labels and "sdmerge grid r=0.25, kv_only" in labels
     assert all(s.plans == ([0] if s.library == "none" else [5]) for s in table)  # 5 merged blocks, each arm
     lines = bench_unet.markdown(128, table, "wall", batch=2, reference=bench_unet.REFERENCE).splitlines()
