@@ -543,9 +543,11 @@ def main() -> None:
             for side in args.resolutions
         ]
     else:
-        table = (lambda: modes_settings()) if args.mode == "modes" else (lambda: None)
-        tables = [
-            (side, run_resolution(unet, side, args.repetitions, dtype, device, clock, args.methods, table=table()))
+        tables = [  # a fresh table of settings (they keep their times) per resolution
+            (side, run_resolution(
+                unet, side, args.repetitions, dtype, device, clock, args.methods,
+                table=modes_settings() if args.mode == "modes" else None,
+            ))
             for side in args.resolutions
         ]
     print(f"load average at the end {os.getloadavg()}\n")

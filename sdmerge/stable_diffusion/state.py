@@ -238,7 +238,7 @@ class MergeState:
                 if starts_generation is True:  # known on the host; else a tensor, used by the blocks
                     for block in self.blocks:
                         block.cross_attention_mass = None
-            self.merging = self.config.merges_at(timestep) if self.config.timestep_range is not None else True
+            self.merging = self.config.merges_at(timestep)  # True without a range (no comparison made)
             if not self.merging:
                 self._unmerged_generation_start |= starts_generation is True
                 return
