@@ -16,10 +16,11 @@ Sections, each timed by the project's own benchmark code (nothing here re-implem
 3. ViT/DeiT throughput (``bench_vit``): DeiT-S and ViT-B at batch 256 for ``tome``,
    ``atc_average`` and ``cis`` under ToMe's 13 tokens per block and the stage protocol.
 
-On a GPU machine without a package registry (it has torch, transformers, scipy; not diffusers
-or tomesd), bring their wheels along and install them without dependencies in the same command:
+On a GPU machine without a package registry (it has torch, transformers, scipy; not diffusers,
+tomesd or fastcluster), bring their wheels along and install them without dependencies in the
+same command:
 
-    pip download --no-deps -d wheels diffusers==0.42.1 tomesd==0.1.3        # here
+    pip download --no-deps -d wheels diffusers==0.42.1 tomesd==0.1.3 fastcluster==1.3.0  # here
     pip install --no-deps wheels/*.whl && python scripts/bench_gpu.py        # there
 
 The markdown (GPU, driver, CUDA, torch, dtype, attention backend, then one table per section)

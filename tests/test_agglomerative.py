@@ -5,6 +5,7 @@ memory check; bad arguments."""
 import numpy as np
 import pytest
 import torch
+from scipy.spatial.distance import squareform
 
 import sdmerge.core.agglomerative as agglomerative
 from eval.dispatch_counts import count_dispatches
@@ -108,6 +109,20 @@ def test_cosine_distances_are_symmetric_with_zero_diagonal():
     torch.testing.assert_close(d[:, off_diagonal], direct[:, off_diagonal], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_condensed_distances_are_the_square_matrix_upper_triangle_bit_for_bit(dtype, monkeypatch):
+    """The CPU path's condensed distances are scipy's ``squareform`` of the accelerator path's
+    matrix, exactly, across several row blocks (one of them partial)."""
+    import sdmerge.core.distances as distances
+
+    monkeypatch.setattr(distances, "DISTANCE_BLOCK", 96)
+    metric = torch.randn(2, 250, 12, generator=torch.Generator().manual_seed(14), dtype=dtype)
+    condensed = distances.condensed_cosine_distances(metric)
+    assert condensed.dtype == torch.float64 and condensed.shape == (2, 250 * 249 // 2)
+    for got, square in zip(condensed, cosine_distances(metric)):
+        np.testing.assert_array_equal(got.numpy(), squareform(square.numpy(), checks=False))
+
+
 def test_a_metric_that_requires_grad_is_accepted(path):
     metric = torch.randn(2, 40, 8, requires_grad=True)
     assert cosine_distances(metric).requires_grad is False
@@ -146,8 +161,7 @@ def test_both_paths_give_the_same_labels_and_rounds_on_any_device():
             cluster_with_rounds(metric, 45, method, path=path) for path in PATHS
         )
         assert torch.equal(cpu, accelerator)
-        # Single linkage on the CPU path is scipy's minimum spanning tree: no merge rounds.
-        assert cpu_rounds == (0 if method == "single" else accelerator_rounds) and accelerator_rounds > 0
+        assert cpu_rounds == 0 and accelerator_rounds > 0  # the CPU path is fastcluster's: no rounds
         assert torch.equal(cluster(metric, 45, method, path="auto"), cpu)  # CPU tensors: "cpu"
         for path in PATHS:  # from a distance matrix
             labels = agglomerative_labels(cosine_distances(metric), 45, method, path=path)
@@ -195,25 +209,31 @@ def test_memory_check_raises_before_allocating(monkeypatch):
     """A matrix that does not fit: a clear error, raised before the distance matrix exists."""
     monkeypatch.setattr(agglomerative, "available_bytes", lambda device: 10**9)
     allocated = []
-    monkeypatch.setattr(agglomerative, "cosine_distances", lambda *args: allocated.append(args))
+    for builder in ("cosine_distances", "condensed_cosine_distances"):
+        monkeypatch.setattr(agglomerative, builder, lambda *args: allocated.append(args))
     metric = torch.randn(2, 16384, 8)
-    with pytest.raises(ClusteringMemoryError) as error:
-        cluster(metric, 100)
-    message = str(error.value)
-    needed = agglomerative.clustering_bytes(2, 16384, torch.float64)
-    for part in ("16384 tokens", "batch 2", f"{needed / 2**30:.2f} GiB", "0.93 GiB", "smaller batch", "'tome'",
-                 "max_downsample"):
-        assert part in message, (part, message)
-    assert isinstance(error.value, MemoryError) and not allocated
-    # At least the float64 matrix and one more of its size; single and complete linkage store float32.
+    for path in PATHS:
+        with pytest.raises(ClusteringMemoryError) as error:
+            cluster(metric, 100, path=path)
+        message = str(error.value)
+        needed = agglomerative.clustering_bytes(2, 16384, torch.float64, path)
+        for part in ("16384 tokens", "batch 2", f"{needed / 2**30:.2f} GiB", "0.93 GiB", "16384x16384 torch.float64",
+                     "smaller batch", "'tome'", "max_downsample"):
+            assert part in message, (part, message)
+        assert isinstance(error.value, MemoryError) and not allocated
+    assert ("upper triangle of" in message) == (path == "cpu")
+    # Accelerator: at least the float64 matrix and one more of its size; single and complete
+    # linkage store float32. CPU: the condensed float64 upper triangle, about half a matrix.
+    needed = agglomerative.clustering_bytes(2, 16384, torch.float64, "accelerator")
     assert needed >= 2 * 2 * 16384 * 16384 * 8
-    assert agglomerative.clustering_bytes(2, 16384, torch.float32) * 2 == needed
+    assert agglomerative.clustering_bytes(2, 16384, torch.float32, "accelerator") * 2 == needed
+    assert 2 * 16384 * 16383 * 4 <= agglomerative.clustering_bytes(2, 16384, torch.float64, "cpu") < needed / 3
 
 
 def test_memory_check_passes_when_it_fits_or_cannot_be_told(monkeypatch):
     metric = torch.randn(1, 50, 4, generator=torch.Generator().manual_seed(12))
     expected = cluster(metric, 20)
-    for available in (None, agglomerative.clustering_bytes(1, 50, torch.float64)):
+    for available in (None, agglomerative.clustering_bytes(1, 50, torch.float64, "cpu")):  # CPU tensors: "cpu"
         monkeypatch.setattr(agglomerative, "available_bytes", lambda device, value=available: value)
         assert torch.equal(cluster(metric, 20), expected)
 
@@ -228,13 +248,11 @@ def test_host_memory_is_reported():
 
 @pytest.mark.parametrize("method", LINKAGES)
 def test_large_batches_in_groups_match_scipy(method, monkeypatch):
-    """Large batches: the accelerator path clusters groups of samples, the CPU path computes the
-    same-round distances a few samples at a time (single linkage: one sample at a time, in scipy);
-    both stay exact."""
+    """Large batches: the accelerator path clusters groups of samples, the CPU path samples in
+    parallel threads; both stay exact."""
     import sdmerge.core.rnn_rounds as rounds
 
     monkeypatch.setattr(rounds, "GROUP_TOKENS", 100)  # 2 samples of 45 tokens per group
-    monkeypatch.setattr(rounds, "_BLOCK_PAIRS", 8)  # blocks of one or two samples
     metric = clustered_metric(batch=5, tokens=45, dim=8, centers=6, seed=13)
     want = scipy_partition(metric, 12, method)
     ungrouped, ungrouped_rounds = cluster_with_rounds(metric[:1], 12, method, path="accelerator")
@@ -242,8 +260,4 @@ def test_large_batches_in_groups_match_scipy(method, monkeypatch):
         labels, total_rounds = cluster_with_rounds(metric, 12, method, path=path)
         for got, expected in zip(labels, want):
             np.testing.assert_array_equal(canonical(got), expected)
-        if path == "cpu" and method == "single":  # scipy's minimum spanning tree: no rounds
-            assert total_rounds == 0
-        else:
-            assert total_rounds >= ungrouped_rounds
-    assert rounds._sample_groups([3, 0, 4, 9, 2, 2]) == [(0, 7), (7, 16), (16, 20)]
+        assert total_rounds == 0 if path == "cpu" else total_rounds >= ungrouped_rounds

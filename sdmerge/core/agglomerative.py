@@ -1,49 +1,43 @@
-"""Exact agglomerative token clustering (ATC, Haurum et al. 2024): the public API, distances, paths.
+"""Exact agglomerative token clustering (ATC, Haurum et al. 2024): the public API and its paths.
 
 ATC clusters tokens bottom-up on the cosine distance ``1 - cos(m_i, m_j)`` with single,
 complete or average linkage (ATC eq. 1-3) until ``k`` clusters remain. The partition computed
 here equals scipy's ``fcluster(linkage(d, method), k, "maxclust")`` on the same float64
-distance matrix ``d`` (ties aside), for every sample of the batch at once, on the tensors'
-device. The merge rounds are in :mod:`sdmerge.core.rnn_rounds`.
+distance matrix ``d`` (:mod:`sdmerge.core.distances`; ties aside), for every sample of the batch.
 
-Paths (``path=``), both exact, differing in how nearest neighbours are refreshed after a round:
-``"accelerator"`` recomputes them with one ``min`` over the whole matrix (one host
-synchronisation per round, a fixed sequence of operations); ``"cpu"`` recomputes only the rows
-that can have changed (two synchronisations per round, far less memory traffic). ``"auto"``
-picks ``"cpu"`` for CPU tensors and ``"accelerator"`` for any other device.
+Paths (``path=``), both exact:
 
-Single linkage on the ``"cpu"`` path does not run merge rounds (chain-like clusters need many
-of them: about 170 at 4096 random tokens): each sample's matrix goes, on the host, to scipy's
-minimum-spanning-tree routine (``scipy.cluster.hierarchy.linkage(..., "single")``), the same
-routine as the reference, on the same matrix; the cut keeps its ``N - k`` lowest merges.
+* ``"cpu"`` (:mod:`sdmerge.core.host_linkage`): the condensed upper triangle of each sample's
+  matrix (half the memory, never square) goes to fastcluster's C++ linkage on the host, the
+  samples in parallel threads. Reference-grade and the fastest on a CPU; no merge rounds.
+* ``"accelerator"`` (:mod:`sdmerge.core.rnn_rounds`): the square ``[B, N, N]`` matrix stays on
+  the tensors' device and is clustered by rounds of reciprocal nearest neighbours, a fixed
+  sequence of whole-batch operations and one host synchronisation per round (float64 for
+  average linkage, whose updates are new numbers computed as scipy computes them; the metric's
+  float32 for single/complete, whose updates only pick existing entries).
 
-The distance matrix is ``[B, N, N]``: float64 for average linkage (its updates are new
-numbers, computed as scipy computes them), the metric's float32 for single/complete (their
-updates only pick existing entries, so float32 storage is exact). Before it is allocated,
-:func:`cluster` checks that it and the rounds' working rows fit in the device's free memory.
+``"auto"`` picks ``"cpu"`` for CPU tensors and ``"accelerator"`` for any other device; either
+path runs on any device (``"cpu"`` copies the condensed distances to the host). Before the
+distances are allocated, :func:`cluster` checks that they and the working memory fit in the
+device's free memory.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy.cluster.hierarchy import linkage as scipy_linkage
-from scipy.spatial.distance import squareform
 from torch import Tensor
 
 from .device_memory import available_bytes
+from .distances import DISTANCE_BLOCK, condensed_cosine_distances, cosine_distances
+from .host_linkage import host_linkage_labels
 from .opaque import is_compiling, opaque_agglomerative_labels
 from .plan import MergePlan
 from .rnn_rounds import GROUP_TOKENS, rnn_labels
 
 LINKAGES = ("single", "complete", "average")
 PATHS = ("auto", "cpu", "accelerator")
-_NEIGHBOURS = {"cpu": "touched", "accelerator": "dense"}
-_DISTANCE_BLOCK = 512  # rows per matrix-product block when building distances
 
 
 class ClusteringMemoryError(MemoryError):
@@ -65,62 +59,43 @@ def resolve_path(path: str, device: torch.device) -> str:
     return path
 
 
-def clustering_bytes(batch: int, tokens: int, dtype: torch.dtype) -> int:
-    """Peak bytes of exact clustering (an upper bound): the ``[B, N, N]`` matrix, the working rows
-    of a round and their temporaries (the rows of both clusters of every pair: at most ``N / 2``
-    pairs per sample, so at most two more ``B N N`` entries), and the blocks of distances between
-    the pairs of a round (three ``P x P`` blocks, ``P`` at most half of
-    ``max(rnn_rounds.GROUP_TOKENS, N)``)."""
+def clustering_bytes(batch: int, tokens: int, dtype: torch.dtype, path: str = "accelerator") -> int:
+    """Peak bytes of exact clustering on the device (an upper bound).
+
+    ``"accelerator"``: the ``[B, N, N]`` matrix of ``dtype``, the working rows of a round and
+    their temporaries (the rows of both clusters of every pair: at most ``N / 2`` pairs per
+    sample, so at most two more ``B N N`` entries), and the blocks of distances between the pairs
+    of a round (three ``P x P`` blocks, ``P`` at most half of ``max(rnn_rounds.GROUP_TOKENS, N)``).
+    ``"cpu"``: the condensed float64 distances ``B N (N - 1) / 2`` and the float32 product blocks
+    they are built from (the block and its upper triangle, ``2 B x 512 x N``); fastcluster itself
+    needs ``O(N)`` more per sample.
+    """
+    if path == "cpu":
+        return 8 * batch * tokens * (tokens - 1) // 2 + 4 * 2 * batch * min(tokens, DISTANCE_BLOCK) * tokens
     itemsize = torch.empty((), dtype=dtype).element_size()
     pairs = max(GROUP_TOKENS, tokens) // 2
     return itemsize * (3 * batch * tokens * tokens + 3 * pairs * pairs)
 
 
-def check_memory(batch: int, tokens: int, dtype: torch.dtype, device: torch.device) -> None:
+def check_memory(batch: int, tokens: int, dtype: torch.dtype, device: torch.device, path: str = "accelerator") -> None:
     """Raise :class:`ClusteringMemoryError` if :func:`clustering_bytes` exceeds the free memory
     of ``device`` (devices whose free memory cannot be told are not checked)."""
-    needed = clustering_bytes(batch, tokens, dtype)
+    needed = clustering_bytes(batch, tokens, dtype, path)
     available = available_bytes(device)
     if available is not None and needed > available:
+        layout = "the upper triangle of" if path == "cpu" else "a"
+        stored = torch.float64 if path == "cpu" else dtype
         raise ClusteringMemoryError(
             f"exact agglomerative clustering of {tokens} tokens, batch {batch}, needs "
-            f"{needed / 2**30:.2f} GiB on {device} (a {tokens}x{tokens} {dtype} distance matrix per "
-            f"sample and its working rows), but only {available / 2**30:.2f} GiB is available. "
+            f"{needed / 2**30:.2f} GiB on {device} ({layout} {tokens}x{tokens} {stored} distance matrix per "
+            f"sample and working memory), but only {available / 2**30:.2f} GiB is available. "
             "Use fewer tokens (a smaller max_downsample or resolution), a smaller batch, or a "
             "method without an N x N matrix, such as 'tome'."
         )
 
 
-@torch.no_grad()
-def cosine_distances(metric: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Cosine distances ``1 - cos(m_i, m_j)``: ``[B, N, D] -> [B, N, N]``, zero diagonal, no gradient.
-
-    The products are computed in float32 (float64 if ``metric`` is float64), then stored as
-    ``dtype``. The matrix is exactly symmetric: only the upper triangle is computed, by blocks of
-    rows (each block's square part made symmetric by the smaller of its two products, whatever
-    the matrix library's summation order), and mirrored. This is the matrix whose scipy
-    clustering :func:`cluster` reproduces, on every path.
-    """
-    B, N, _ = metric.shape
-    compute = torch.float64 if metric.dtype == torch.float64 else torch.float32
-    unit = F.normalize(metric.to(compute), dim=-1)
-    out = torch.empty(B, N, N, dtype=dtype, device=metric.device)
-    block = min(N, _DISTANCE_BLOCK)
-    buffer = torch.empty(B * block * N, dtype=compute, device=metric.device)
-    one = torch.ones((), dtype=compute, device=metric.device)
-    for start in range(0, N, block):
-        stop = min(N, start + block)
-        part = buffer[: B * (stop - start) * (N - start)].view(B, stop - start, N - start)
-        torch.baddbmm(one, unit[:, start:stop], unit[:, start:].transpose(-1, -2), alpha=-1, out=part)
-        square = part[:, :, : stop - start]
-        square.copy_(torch.minimum(square, square.transpose(-1, -2)))
-        out[:, start:stop, start:].copy_(part)
-        out[:, start:, start:stop].copy_(part.transpose(-1, -2))
-    out.diagonal(dim1=-2, dim2=-1).zero_()
-    return out
-
-
 def _working_dtype(metric_dtype: torch.dtype, linkage: str) -> torch.dtype:
+    """The accelerator path's matrix dtype (see the module docstring)."""
     if linkage == "average" or metric_dtype == torch.float64:
         return torch.float64
     return torch.float32
@@ -148,8 +123,8 @@ def cluster(metric: Tensor, k: int, linkage: str = "average", *, path: str = "au
 
 
 def cluster_with_rounds(metric: Tensor, k: int, linkage: str = "average", *, path: str = "auto") -> tuple[Tensor, int]:
-    """:func:`cluster`, also returning the number of merge rounds it ran (0 for single linkage on
-    the ``"cpu"`` path, which runs none)."""
+    """:func:`cluster`, also returning the number of merge rounds it ran (0 on the ``"cpu"`` path,
+    which runs none)."""
     check_linkage(linkage)
     if metric.dim() != 3:
         raise ValueError(f"metric must be [B, N, D], got shape {tuple(metric.shape)}")
@@ -160,44 +135,12 @@ def cluster_with_rounds(metric: Tensor, k: int, linkage: str = "average", *, pat
     if not 1 <= k <= N:
         raise ValueError(f"k={k} clusters requested for {N} tokens; allowed: 1 <= k <= {N}")
     path = resolve_path(path, metric.device)
+    if path == "cpu":
+        check_memory(B, N, torch.float64, metric.device, path)
+        return host_linkage_labels(condensed_cosine_distances(metric), N, k, linkage), 0
     dtype = _working_dtype(metric.dtype, linkage)
-    check_memory(B, N, dtype, metric.device)
-    return _labels_and_rounds(cosine_distances(metric, dtype), k, linkage, path)
-
-
-def _labels_and_rounds(distances: Tensor, k: int, linkage: str, path: str) -> tuple[Tensor, int]:
-    """Labels and merge rounds from a distance matrix (consumed) on a resolved path."""
-    if path == "cpu" and linkage == "single":
-        return _minimum_spanning_tree_labels(distances, k), 0
-    return rnn_labels(distances, k, linkage, _NEIGHBOURS[path])
-
-
-def _minimum_spanning_tree_labels(distances: Tensor, k: int) -> Tensor:
-    """Single linkage on the host, one sample at a time: scipy's minimum-spanning-tree linkage of
-    the upper triangle (as the reference computes it), then the ``N - k`` lowest merges."""
-    B, N, _ = distances.shape
-    if k == N:
-        return torch.arange(N, device=distances.device).expand(B, N).clone()
-    samples = [scipy_linkage(squareform(d, checks=False), "single") for d in distances.cpu().numpy()]
-    return torch.from_numpy(np.stack([_cut_linkage_matrix(z, k) for z in samples])).to(distances.device)
-
-
-def _cut_linkage_matrix(z: np.ndarray, k: int) -> np.ndarray:
-    """Labels ``[N]`` (0..k-1, numbered by first token) after the first ``N - k`` merges of a
-    scipy linkage matrix ``z`` (rows sorted by height; row ``m`` joins nodes ``z[m, 0]`` and
-    ``z[m, 1]`` into node ``N + m``). Exactly ``k`` clusters even when heights tie at the cut,
-    where ``fcluster(maxclust)`` can give fewer; otherwise the same partition."""
-    N = z.shape[0] + 1
-    merges = N - k
-    parent = np.arange(2 * N - 1)
-    joined = z[:merges, :2].astype(np.int64)
-    parent[joined] = N + np.arange(merges)[:, None]
-    for _ in range(max(1, math.ceil(math.log2(N)))):  # pointer jumping: each node to its root
-        parent = parent[parent]
-    roots, first_token, inverse = np.unique(parent[:N], return_index=True, return_inverse=True)
-    rank = np.empty(len(roots), dtype=np.int64)
-    rank[np.argsort(first_token)] = np.arange(len(roots))
-    return rank[inverse.reshape(N)]
+    check_memory(B, N, dtype, metric.device, path)
+    return rnn_labels(cosine_distances(metric, dtype), k, linkage)
 
 
 def agglomerative_clustering(
@@ -237,6 +180,12 @@ def agglomerative_clustering(
 
 
 def agglomerative_labels(distances: Tensor, k: int, linkage: str, *, path: str = "auto") -> Tensor:
-    """Cluster labels ``[B, N]`` from a distance matrix ``[B, N, N]``, which is consumed (overwritten)."""
+    """Cluster labels ``[B, N]`` from a symmetric distance matrix ``[B, N, N]``, which is consumed
+    (overwritten) on the accelerator path."""
     check_linkage(linkage)
-    return _labels_and_rounds(distances, k, linkage, resolve_path(path, distances.device))[0]
+    B, N, _ = distances.shape
+    if resolve_path(path, distances.device) == "cpu":
+        above_diagonal = torch.ones(N, N, dtype=torch.bool, device=distances.device).triu_(1)
+        condensed = distances.masked_select(above_diagonal).view(B, -1).to(torch.float64)
+        return host_linkage_labels(condensed, N, k, linkage)
+    return rnn_labels(distances, k, linkage)[0]
