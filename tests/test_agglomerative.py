@@ -123,6 +123,34 @@ def test_condensed_distances_are_the_square_matrix_upper_triangle_bit_for_bit(dt
         np.testing.assert_array_equal(got.numpy(), squareform(square.numpy(), checks=False))
 
 
+def test_cpu_path_threads_give_the_serial_labels(monkeypatch):
+    """The CPU path clusters the samples of a batch in parallel threads (one per torch thread, at
+    most one per sample); the labels are those of one sample at a time."""
+    import sdmerge.core.host_linkage as host_linkage
+
+    pools = []
+
+    class CountedPool(host_linkage.ThreadPoolExecutor):
+        def __init__(self, workers):
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(host_linkage, "ThreadPoolExecutor", CountedPool)
+    metric = clustered_metric(batch=3, tokens=120, dim=8, centers=7, seed=15)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = [cluster(metric[b : b + 1], 30, "average", path="cpu") for b in range(3)]
+        serial_batch = cluster(metric, 30, "average", path="cpu")
+        assert pools == []
+        torch.set_num_threads(4)
+        parallel = cluster(metric, 30, "average", path="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert pools == [3]
+    assert torch.equal(parallel, torch.cat(serial)) and torch.equal(serial_batch, parallel)
+
+
 def test_a_metric_that_requires_grad_is_accepted(path):
     metric = torch.randn(2, 40, 8, requires_grad=True)
     assert cosine_distances(metric).requires_grad is False

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -63,15 +62,10 @@ def condensed_cosine_distances(metric: Tensor) -> Tensor:
     at ``N i - i (i + 1) / 2 + j - i - 1`` (scipy's layout), equal to
     ``squareform(cosine_distances(metric)[b])`` bit for bit, without the square matrix.
 
-    Meant for the host: one copy per matrix row (a masked select is ten times slower on a CPU),
-    and on a CPU the result is allocated by numpy, whose allocator asks Linux for huge pages
-    (far fewer page faults than PyTorch's for a matrix this size)."""
+    Meant for the host: one copy per matrix row (a masked select is ten times slower on a CPU)."""
     B, N, _ = metric.shape
     size = N * (N - 1) // 2
-    if metric.device.type == "cpu":
-        out = torch.from_numpy(np.empty((B, size), dtype=np.float64))
-    else:
-        out = torch.empty(B, size, dtype=torch.float64, device=metric.device)
+    out = torch.empty(B, size, dtype=torch.float64, device=metric.device)
     for start, part in _upper_blocks(metric):
         for row in range(part.shape[1]):
             i = start + row
