@@ -66,9 +66,9 @@ def clustering_bytes(batch: int, tokens: int, dtype: torch.dtype, path: str = "a
     their temporaries (the rows of both clusters of every pair: at most ``N / 2`` pairs per
     sample, so at most two more ``B N N`` entries), and the blocks of distances between the pairs
     of a round (three ``P x P`` blocks, ``P`` at most half of ``max(rnn_rounds.GROUP_TOKENS, N)``).
-    ``"cpu"``: the condensed float64 distances ``B N (N - 1) / 2`` and the float32 product blocks
-    they are built from (the block and its upper triangle, ``2 B x 512 x N``); fastcluster itself
-    needs ``O(N)`` more per sample.
+    ``"cpu"``: the condensed float64 distances ``B N (N - 1) / 2`` and the float32 block of
+    products they are built from (``B x 512 x N``), counted twice to cover the temporaries of its
+    square part; fastcluster itself needs ``O(N)`` more per sample.
     """
     if path == "cpu":
         return 8 * batch * tokens * (tokens - 1) // 2 + 4 * 2 * batch * min(tokens, DISTANCE_BLOCK) * tokens
@@ -79,15 +79,15 @@ def clustering_bytes(batch: int, tokens: int, dtype: torch.dtype, path: str = "a
 
 def check_memory(batch: int, tokens: int, dtype: torch.dtype, device: torch.device, path: str = "accelerator") -> None:
     """Raise :class:`ClusteringMemoryError` if :func:`clustering_bytes` exceeds the free memory
-    of ``device`` (devices whose free memory cannot be told are not checked)."""
+    of ``device`` (devices whose free memory cannot be told are not checked). ``dtype``: the
+    stored distances' dtype (float64 on the ``"cpu"`` path)."""
     needed = clustering_bytes(batch, tokens, dtype, path)
     available = available_bytes(device)
     if available is not None and needed > available:
         layout = "the upper triangle of" if path == "cpu" else "a"
-        stored = torch.float64 if path == "cpu" else dtype
         raise ClusteringMemoryError(
             f"exact agglomerative clustering of {tokens} tokens, batch {batch}, needs "
-            f"{needed / 2**30:.2f} GiB on {device} ({layout} {tokens}x{tokens} {stored} distance matrix per "
+            f"{needed / 2**30:.2f} GiB on {device} ({layout} {tokens}x{tokens} {dtype} distance matrix per "
             f"sample and working memory), but only {available / 2**30:.2f} GiB is available. "
             "Use fewer tokens (a smaller max_downsample or resolution), a smaller batch, or a "
             "method without an N x N matrix, such as 'tome'."
