@@ -86,9 +86,9 @@ import torch
 from diffusers import PNDMScheduler, UNet2DConditionModel
 
 import sdmerge
-import sdmerge.stable_diffusion.prompt_importance
+import sdmerge.diffusion.prompt_importance
 from sdmerge.core import MergePlan
-from sdmerge.stable_diffusion import MergedBlock
+from sdmerge.diffusion import MergedBlock
 
 SD15_UNET_CONFIG = dict(  # runwayml/stable-diffusion-v1-5, unet/config.json
     sample_size=64,
@@ -259,9 +259,9 @@ class OverheadTimer:
     @contextlib.contextmanager
     def installed(self):
         targets = [
-            (MergedBlock, "merge_plan", lambda f: self._timed(f, "plan")),
+            (MergedBlock, "_plan", lambda f: self._timed(f, "plan")),
             (MergedBlock, "_new_plan", self._counted),
-            (sdmerge.stable_diffusion.prompt_importance, "prompt_attention_mass", lambda f: self._timed(f, "plan")),
+            (sdmerge.diffusion.prompt_importance, "prompt_attention_mass", lambda f: self._timed(f, "plan")),
             (MergePlan, "merge", lambda f: self._timed(f, "merging")),
             (MergePlan, "unmerge", lambda f: self._timed(f, "merging")),
             (tomesd.patch, "compute_merge", self._timed_tomesd_plan),

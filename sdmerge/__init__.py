@@ -1,6 +1,6 @@
 """sdmerge: token merging for Stable Diffusion and ViT/DeiT, without retraining."""
 
-from .api import apply, remove
+from .api import apply, new_generation, remove
 from .core import MergePlan, cluster
 from .methods import METHODS as _METHODS
 
@@ -9,4 +9,4 @@ METHODS: tuple[str, ...] = tuple(_METHODS)
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "MergePlan", "apply", "cluster", "remove"]
+__all__ = ["METHODS", "MergePlan", "apply", "cluster", "new_generation", "remove"]

@@ -5,7 +5,7 @@ Every integration module exposes ``accepts(model) -> bool``, ``apply(model, meth
 model handles it. An integration may also expose ``why_unsupported(model) -> str | None``,
 which explains why a model of its family that it does not accept cannot be patched. What
 ``r`` (the keep rate) and the options mean depends on the family: ``docs/stable_diffusion.md``
-for Stable Diffusion, ``docs/vit.md`` for ViT/DeiT classifiers.
+for diffusion models, ``docs/vit.md`` for ViT/DeiT classifiers.
 
 The integrations are imported on first use, so ``import sdmerge`` (the core, ``cluster``) does
 not load diffusers or transformers.
@@ -17,7 +17,7 @@ import importlib
 
 from .methods import METHODS
 
-INTEGRATIONS = ("stable_diffusion", "vit.transformers", "vit.timm")
+INTEGRATIONS = ("diffusion", "vit.transformers", "vit.timm")
 """The integration modules of ``sdmerge``, in the order they are asked."""
 
 
@@ -94,3 +94,12 @@ if apply.__doc__ is not None:  # None under python -OO
 def remove(model) -> None:
     """Undo :func:`apply`; the model behaves exactly as before. No-op on an unpatched model."""
     _integration_for(model).remove(model)
+
+
+def new_generation(model) -> None:
+    """Mark that the next call of the patched diffusion ``model`` (a pipeline or its denoiser) in
+    this thread starts a new generation: see :func:`sdmerge.diffusion.new_generation`. Pipeline
+    calls mark their own generations; this is for a bare UNet or transformer in a loop of yours."""
+    from .diffusion import new_generation as mark
+
+    mark(model)

@@ -24,9 +24,7 @@ import torch
 from torch import Tensor
 
 from .core.plan import MergePlan
-from .stable_diffusion import MergedBlock, enclosing_transformer, find_unet
-from .stable_diffusion.patch import _STATE_ATTRIBUTE
-from .vit import reduction_state
+from .vit import blocks, reduction_state
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,7 @@ class RecordedPlan:
     Attributes:
         step: the UNet call it was made in, counted from 0 since recording started (one
             pipeline call: the denoising step; classifier-free guidance runs both halves in one call).
-        block: the transformer block's name (see :func:`sdmerge.stable_diffusion.merged_blocks`).
+        block: the transformer block's name (see :func:`sdmerge.diffusion.merged_blocks`).
         labels: ``[B, N]`` int64, the group of each of the block's ``N`` tokens (on the model's
             device, not copied). In a pipeline with classifier-free guidance, sample ``b`` of
             the unconditional half is ``b``, of the conditional half ``B/2 + b``.
@@ -68,7 +66,7 @@ def record_plans(model, blocks=None, steps=None):
 
     Args:
         model: a pipeline or UNet patched by ``sdmerge.apply`` (apply first).
-        blocks: names of merged transformer blocks (``sdmerge.stable_diffusion.merged_blocks(model)``),
+        blocks: names of merged transformer blocks (``sdmerge.diffusion.merged_blocks(model)``),
             or ``None`` for all of them.
         steps: UNet calls to record, counted from 0 when the ``with`` block starts (an int, an
             iterable of ints, or ``None`` for every call).
@@ -77,8 +75,9 @@ def record_plans(model, blocks=None, steps=None):
     nothing to remove (``r = 1``) makes no plan and records nothing. Raises ``ValueError`` for
     an unpatched model, an unknown block name or an invalid step.
     """
-    unet = find_unet(model)
-    state = getattr(unet, _STATE_ATTRIBUTE, None)
+    from .diffusion.patch import find_denoiser, state_of
+
+    state = state_of(model)
     if state is None:
         raise ValueError("the model is not patched by sdmerge: call sdmerge.apply(model, ...) before record_plans")
     chosen = state.names if blocks is None else ((blocks,) if isinstance(blocks, str) else tuple(blocks))
@@ -88,30 +87,18 @@ def record_plans(model, blocks=None, steps=None):
     wanted_steps = _checked_steps(steps)
     plans: dict[tuple[int, str], RecordedPlan] = {}
     call = [-1]
-    grids: dict[str, tuple[int, int]] = {}  # block name -> (H, W) of its Transformer2DModel's latest input
 
     def count_call(module, args, kwargs) -> None:
         call[0] += 1
 
-    def grid_recorder(name: str):
-        def record(module, args, kwargs) -> None:
-            hidden_states = args[0] if args else kwargs["hidden_states"]
-            grids[name] = tuple(hidden_states.shape[-2:])
-
-        return record
-
-    def observe(block: MergedBlock, plan: MergePlan) -> None:
+    def observe(block, plan: MergePlan, grid: tuple[int, int]) -> None:
         if wanted_steps is None or call[0] in wanted_steps:
-            plans[call[0], block.name] = RecordedPlan(call[0], block.name, plan.labels, plan.num_groups, grids[block.name])
+            plans[call[0], block.name] = RecordedPlan(call[0], block.name, plan.labels, plan.num_groups, grid)
 
     observed = [block for block in state.blocks if block.name in chosen]
     if any(block.observer is not None for block in observed):
         raise ValueError("record_plans is already recording these blocks (nested record_plans on the same blocks)")
-    hooks = [unet.register_forward_pre_hook(count_call, with_kwargs=True)]
-    hooks += [
-        enclosing_transformer(unet, block.name)[1].register_forward_pre_hook(grid_recorder(block.name), with_kwargs=True)
-        for block in observed
-    ]
+    hooks = [find_denoiser(model).register_forward_pre_hook(count_call, with_kwargs=True)]
     for block in observed:
         block.observer = observe
     try:
@@ -130,8 +117,7 @@ def vit_provenance_after(model, pixel_values: Tensor, block: int) -> MergePlan |
     block. ``None``: no block up to ``block`` reduced. Use :func:`sdmerge.visualize.token_labels`
     to drop the protected tokens.
     """
-    base = getattr(model, "base_model", None)
-    layers = base.layers if hasattr(base, "layers") else model.blocks  # transformers, else timm
+    layers = blocks(model)  # transformers (either layer layout) or timm
     if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < len(layers):
         raise ValueError(f"block={block!r} must be an int in [0, {len(layers)}) for this {len(layers)}-block model")
     captured = []

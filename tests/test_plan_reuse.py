@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import sdmerge
-from sdmerge.stable_diffusion import prompt_importance as prompt_importance_module
+from sdmerge.diffusion import prompt_importance as prompt_importance_module
 from sdmerge.core import MergePlan
 from sdmerge.methods import METHODS
-from sdmerge.stable_diffusion.plan_reuse import PlanReuse
-from sdmerge.stable_diffusion import MergedBlock, transformer_blocks_by_level
+from sdmerge.diffusion.plan_reuse import PlanReuse
+from sdmerge.diffusion import MergedBlock
+from sdmerge.diffusion.models.unet import transformer_blocks_by_level
 from tests.tiny_diffusers import SD15_MERGED, SD_METHODS, sd15_unet, tiny_pipeline, unet_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -271,7 +272,7 @@ def test_importance_is_computed_with_its_plan_and_reused_with_it(method, inputs,
     scores = []
     importance = prompt_importance_module.prompt_importance
     monkeypatch.setattr(
-        "sdmerge.stable_diffusion.merged_block.prompt_importance", lambda *a: scores.append(importance(*a)) or scores[-1]
+        "sdmerge.diffusion.merged_block.prompt_importance", lambda *a: scores.append(importance(*a)) or scores[-1]
     )
     sdmerge.apply(unet, method, r=0.5, plan_every=2, **method_options(method))
     for t in (900, 800, 700, 600):
@@ -354,7 +355,7 @@ def test_bad_reuse_options_raise_clear_errors():
     for value in (1, "yes", None):
         with pytest.raises(TypeError, match=f"share_plans must be True or False, got {value!r}"):
             sdmerge.apply(unet, "atc_average", share_plans=value)
-    with pytest.raises(TypeError, match="accepted: .*plan_every, share_plans"):
+    with pytest.raises(TypeError, match="accepted options: .*plan_every: int >= 1 = 1; share_plans: bool = False"):
         sdmerge.apply(unet, "tome", plan_reuse=True)
 
 

@@ -15,7 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import sdmerge
 from sdmerge.core import random_2d_split
-from sdmerge.stable_diffusion.randomness import SplitRandomness, stream_key
+from sdmerge.diffusion.randomness import SplitRandomness, stream_key
 from tests.test_stable_diffusion import forward
 from tests.tiny_diffusers import CONTEXT_DIM, sd15_unet, unet_inputs
 
@@ -138,8 +138,8 @@ def test_timestep_range_reads_the_timestep_and_compiles_one_graph_per_side_of_th
 
 
 def cells(randomness, timestep, name="block", grid=(8, 6), sx=2, sy=2):
-    randomness.start_call(timestep)
-    return randomness.cells(stream_key(name), grid, sx, sy, torch.device("cpu"))
+    key = randomness.call_key(timestep)
+    return randomness.cells(key, stream_key(name), grid, sx, sy, torch.device("cpu"))
 
 
 def test_seeded_cells_are_a_function_of_seed_timestep_and_block():
@@ -154,7 +154,7 @@ def test_seeded_cells_are_a_function_of_seed_timestep_and_block():
     assert not torch.equal(cells(seeded, torch.tensor(499)), first)
     assert not torch.equal(cells(seeded, torch.tensor(500), name="other"), first)
     assert not torch.equal(cells(SplitRandomness(use_rand=True, seed=1), torch.tensor(500)), first)
-    assert SplitRandomness(use_rand=True, seed=None).cells(0, (8, 6), 2, 2, torch.device("cpu")) is None
+    assert SplitRandomness(use_rand=True, seed=None).cells(None, 0, (8, 6), 2, 2, torch.device("cpu")) is None
     assert seeded.generator(torch.device("cpu")) is None  # no torch.Generator with seed=
 
 

@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 import sdmerge
 from sdmerge.core import MergePlan, window_for_keep_rate, window_groups
 from sdmerge.methods import METHODS
-from sdmerge.stable_diffusion.processors import merged_keys_and_values
+from sdmerge.diffusion.branches import merged_keys_and_values
 from tests import test_plan_reuse
 from tests.test_stable_diffusion import Capture, RecordingProcessor, forward, hook_counts
 from tests.tiny_diffusers import SD15_MERGED, SD_METHODS, sd15_unet, tiny_pipeline, unet_inputs
@@ -64,9 +64,10 @@ def test_crossattn_and_mlp_run_on_the_merged_tokens_of_the_self_attention_plan(i
     block.attn1.set_processor(attn1)
     block.attn2.set_processor(attn2)
     sdmerge.apply(unet, "tome", r=0.5, merge_attn=False, merge_crossattn=True, merge_mlp=True, use_rand=False)
-    handle = block.ff.register_forward_pre_hook(lambda m, args: ff_tokens.append(args[0].shape[1]) and None)
+    # inside ff (its first layer): what ff's forward received (sdmerge wraps ff's forward)
+    handle = block.ff.net[0].register_forward_pre_hook(lambda m, args: ff_tokens.append(args[0].shape[1]) and None)
     forward(unet, *inputs)
-    handle.remove()  # (sdmerge's hook, registered first, merged the feed-forward's input before it)
+    handle.remove()
     assert attn1.token_counts == [256] and attn2.token_counts == ff_tokens == [128]  # 16x16 latent, r=0.5
     assert len(spy.computed) == len(SD15_MERGED)  # one plan per block, used by both branches
     assert len(spy.used) == 2 * len(SD15_MERGED)
@@ -77,10 +78,10 @@ def test_cis_keeps_the_prompt_mass_of_every_token_when_the_crossattention_is_mer
     sdmerge.apply(unet, "cis", r=0.5, merge_crossattn=True, use_rand=False)
     forward(unet, *inputs, 900)
     forward(unet, *inputs, 800)  # uses the mass of the first call
-    block = unet._sdmerge.blocks[0]
-    assert block.cross_attention_mass.shape == (2, 256)
+    mass = unet._sdmerge.generations.current().masses[SD15_MERGED[0]]
+    assert mass.shape == (2, 256)
     # Every token carries its group's mass: as many distinct values as groups at most.
-    assert all(len(torch.unique(row)) <= 128 for row in block.cross_attention_mass)
+    assert all(len(torch.unique(row)) <= 128 for row in mass)
 
 
 def test_mlp_merging_refuses_a_chunked_feed_forward(inputs):

@@ -14,11 +14,13 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 import sdmerge
-from sdmerge import stable_diffusion
+from sdmerge import diffusion
 from sdmerge.core import bipartite_soft_matching, cosine_distances, crucial_token_merging, random_2d_split
 from sdmerge.methods import METHODS
-from sdmerge.stable_diffusion.prompt_importance import PromptAttentionMassProcessor, prompt_attention_mass
-from sdmerge.stable_diffusion import merged_blocks, transformer_blocks_by_level
+from sdmerge.diffusion.forward_hooks import ForwardHook
+from sdmerge.diffusion.prompt_importance import cross_attention_mass, prompt_attention_mass
+from sdmerge.diffusion import merged_blocks
+from sdmerge.diffusion.models.unet import transformer_blocks_by_level
 from tests.tiny_diffusers import (
     SD15_MERGED,
     SD_METHODS,
@@ -39,29 +41,38 @@ def forward(unet, sample, context, t=500, **kwargs):
 
 
 def hook_counts(module):
-    return {name: len(m._forward_pre_hooks) + len(m._forward_hooks) for name, m in module.named_modules()}
+    """Per submodule: its PyTorch hooks, and whether an instance ``forward`` wraps its own (sdmerge's hooks)."""
+    return {
+        name: (len(m._forward_pre_hooks) + len(m._forward_hooks), "forward" in m.__dict__)
+        for name, m in module.named_modules()
+    }
 
 
 class Capture:
     """Records, at every call of one transformer block: its input ``x``, attn1's input ``h`` and
-    output ``out``, attn2's input ``h2`` and prompt embeddings ``context``."""
+    (unmerged) output ``out``, attn2's input ``h2`` and prompt embeddings ``context``. The input
+    hooks run before sdmerge's (``prepend``), so they see the tokens before merging."""
 
     def __init__(self, block):
         self.calls = []
 
         def on_block(module, args, kwargs):
-            self.calls.append(SimpleNamespace(x=args[0]))
+            self.calls.append(SimpleNamespace(x=args[0] if args else kwargs["hidden_states"]))
 
-        def on_attn1(module, args, output):
-            self.calls[-1].h, self.calls[-1].out = args[0], output
+        def on_attn1_input(module, args):
+            self.calls[-1].h = args[0]
+
+        def on_attn1_output(module, args, output):
+            self.calls[-1].out = output
 
         def on_attn2(module, args, kwargs):
             self.calls[-1].h2, self.calls[-1].context = args[0], kwargs["encoder_hidden_states"]
 
         self.handles = [
-            block.register_forward_pre_hook(on_block, with_kwargs=True),
-            block.attn1.register_forward_hook(on_attn1),
-            block.attn2.register_forward_pre_hook(on_attn2, with_kwargs=True),
+            block.register_forward_pre_hook(on_block, with_kwargs=True, prepend=True),
+            block.attn1.register_forward_pre_hook(on_attn1_input, prepend=True),
+            block.attn1.register_forward_hook(on_attn1_output),
+            block.attn2.register_forward_pre_hook(on_attn2, with_kwargs=True, prepend=True),
         ]
 
     def __enter__(self):
@@ -121,7 +132,8 @@ def test_remove_restores_processor_objects_hooks_and_output(inputs):
     unet = sd15_unet()
     processors, hooks = dict(unet.attn_processors), hook_counts(unet)
     before = forward(unet, *inputs)
-    sdmerge.apply(unet, "cis", r=0.5)  # wraps attn1 and attn2
+    sdmerge.apply(unet, "cis", r=0.5)  # hooks on attn1 and attn2; no processor is replaced
+    assert all(unet.attn_processors[name] is processor for name, processor in processors.items())
     assert not torch.equal(forward(unet, *inputs), before)
     assert hook_counts(unet) != hooks
     sdmerge.remove(unet)
@@ -137,10 +149,9 @@ def test_apply_again_replaces_the_previous_patch(inputs):
     originals = dict(unet.attn_processors)
     sdmerge.apply(unet, "cis", r=0.6)
     sdmerge.apply(unet, "atc_average", r=0.4)
-    assert len(unet._forward_pre_hooks) == 1
-    for name, processor in unet.attn_processors.items():
-        is_merged = name.removesuffix(".attn1.processor") in SD15_MERGED
-        assert (processor.original if is_merged else processor) is originals[name]  # attn2: cis's wrapper is gone
+    assert isinstance(unet.forward.__self__, ForwardHook) and not isinstance(unet.forward.__self__.wrapped.__self__, ForwardHook)
+    assert all(unet.attn_processors[name] is processor for name, processor in originals.items())
+    assert all("forward" not in block.attn2.__dict__ for block in map(unet.get_submodule, SD15_MERGED))  # cis's mass hook
     twice = forward(unet, *inputs)
     sdmerge.remove(unet)
     sdmerge.apply(unet, "atc_average", r=0.4)
@@ -158,7 +169,7 @@ class RecordingProcessor:
         return AttnProcessor2_0()(attn, hidden_states, *args, **kwargs)
 
 
-def test_custom_processor_is_wrapped_then_restored(inputs):
+def test_custom_processor_runs_on_merged_tokens_and_is_never_replaced(inputs):
     unet = sd15_unet()
     merged = unet.get_submodule(SD15_MERGED[0]).attn1
     unmerged = unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0").attn1
@@ -166,6 +177,7 @@ def test_custom_processor_is_wrapped_then_restored(inputs):
     merged.set_processor(custom_merged)
     unmerged.set_processor(custom_unmerged)
     sdmerge.apply(unet, "tome", r=0.3)
+    assert merged.processor is custom_merged and unmerged.processor is custom_unmerged
     forward(unet, *inputs)
     assert custom_merged.token_counts == [256 - int(256 * 0.7)]  # 16x16 latent: 256 tokens, 179 removed
     assert custom_unmerged.token_counts == [64]
@@ -179,8 +191,8 @@ def test_replaced_processors_keep_merging_and_are_kept_by_remove(inputs):
     expected = forward(unet, *inputs)
     replacement = AttnProcessor2_0()
     unet.set_attn_processor(replacement)
-    assert torch.equal(forward(unet, *inputs), expected)  # wrapped at the call
-    assert unet.get_submodule(SD15_MERGED[0]).attn1.processor.original is replacement
+    assert torch.equal(forward(unet, *inputs), expected)  # the hooks are on the attention modules
+    assert unet.get_submodule(SD15_MERGED[0]).attn1.processor is replacement
     sdmerge.remove(unet)
     assert all(processor is replacement for processor in unet.attn_processors.values())
 
@@ -221,7 +233,7 @@ def test_atc_in_the_unet_equals_scipy_partition(link, inputs):
         partition = fcluster(linkage(squareform(distances, checks=False), method=link), k, "maxclust") - 1
         assert len(set(partition)) == k
         labels.append(torch.as_tensor(partition, dtype=torch.int64))
-    expected = merged_attention(block.attn1, block.attn1.processor.original, call.h, torch.stack(labels), k)
+    expected = merged_attention(block.attn1, block.attn1.processor, call.h, torch.stack(labels), k)
     torch.testing.assert_close(call.out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -240,17 +252,13 @@ def test_prompt_attention_mass_matches_hand_computation():
         got = prompt_attention_mass(attn, h, context, attention_mask)
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
-    stored = []
-    processor = PromptAttentionMassProcessor(AttnProcessor2_0(), stored.append)
-    attn.set_processor(processor)
-    out = attn(h, encoder_hidden_states=context)
-    assert torch.equal(out, AttnProcessor2_0()(attn, h, encoder_hidden_states=context))
-    torch.testing.assert_close(stored[0], prompt_attention_mass(attn, h, context))
-
-    self_attention = Attention(query_dim=16, heads=2, dim_head=4)
-    self_attention.set_processor(PromptAttentionMassProcessor(AttnProcessor2_0(), stored.append))
+    # a forward hook's view of attn2's call; an IP-Adapter's (prompt, image embeddings): the prompt's mass
+    expected = prompt_attention_mass(attn, h, context, mask)
+    for prompt in (context, (context, [torch.randn(2, 4, 8)])):
+        kwargs = {"encoder_hidden_states": prompt, "attention_mask": mask}
+        torch.testing.assert_close(cross_attention_mass(attn, (h,), kwargs, None), expected, atol=0, rtol=0)
     with pytest.raises(TypeError, match="prompt embeddings as one tensor.*got NoneType"):
-        self_attention(h)
+        cross_attention_mass(attn, (h,), {}, None)
 
 
 @pytest.mark.parametrize("method", ["cis", "crucial"])
@@ -272,7 +280,7 @@ def test_importance_is_previous_prompt_mass_times_value_norm(method, inputs):
     p = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(dim=-1)[..., 1:].sum(dim=-1).mean(dim=1)
 
     remove = int(N * (1 - keep_rate))
-    original = block.attn1.processor.original
+    original = block.attn1.processor
     for call, mass in ((first, None), (second, p)):
         with torch.no_grad():
             importance = block.attn1.to_v(call.h).norm(dim=-1) * (1.0 if mass is None else mass)
@@ -361,7 +369,7 @@ def test_sdxl_layout_merges_its_first_attention_level(caplog):
     torch.testing.assert_close(forward(unet, sample, context, added_cond_kwargs=conditions), base, atol=1e-6, rtol=0)
     tomesd.remove_patch(unet)
 
-    with caplog.at_level(logging.INFO, logger="sdmerge.stable_diffusion"):
+    with caplog.at_level(logging.INFO, logger="sdmerge.diffusion"):
         sdmerge.apply(unet, "tome", r=0.5)
     assert "down_blocks.1.attentions.0.transformer_blocks.0" in caplog.text  # says where
     assert merged_blocks(unet) == (
@@ -401,8 +409,11 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="seed=1 has no effect with use_rand=False"):
         sdmerge.apply(unet, "tome", use_rand=False, seed=1)
     sdmerge.apply(unet, "atc_average", sx=2, use_rand=True)  # the defaults are fine
-    with pytest.raises(TypeError, match="unknown option linkage.*accepted: max_downsample, sx, sy, use_rand, seed"):
+    with pytest.raises(TypeError, match=r"unknown option linkage for diffusion.*accepted options: max_downsample: .*"
+                       r"sx: int >= 1 = 2; sy: int >= 1 = 2; use_rand: bool = True; seed"):
         sdmerge.apply(unet, "atc_average", linkage="average")
+    with pytest.raises(TypeError, match="unknown option keep_rate"):  # r is apply's own argument
+        sdmerge.apply(unet, "tome", keep_rate=0.5)
     with pytest.raises(TypeError, match="sx must be an int"):
         sdmerge.apply(unet, "tome", sx=2.0)
     with pytest.raises(TypeError, match="use_rand must be True or False"):
@@ -423,8 +434,8 @@ def test_models_without_a_unet_are_rejected():
         sdmerge.apply(object())
     with pytest.raises(TypeError, match="builtins.object"):
         sdmerge.remove(object())
-    with pytest.raises(TypeError, match=r"SimpleNamespace.*\.unet is a Linear"):
-        stable_diffusion.apply(SimpleNamespace(unet=torch.nn.Linear(2, 2)))
+    with pytest.raises(TypeError, match=r"its \.unet is a Linear, not a diffusers UNet2DConditionModel"):
+        diffusion.apply(SimpleNamespace(unet=torch.nn.Linear(2, 2)))
     holder = SimpleNamespace(unet=sd15_unet())
     assert sdmerge.apply(holder, "tome") is holder
     assert merged_blocks(holder) == SD15_MERGED
@@ -436,32 +447,51 @@ def test_attention_that_cannot_be_merged_is_rejected():
     block.attn1.residual_connection = True
     with pytest.raises(ValueError, match=f"{SD15_MERGED[0]}.attn1: residual_connection=True"):
         sdmerge.apply(unet, "tome")
-    block.attn1.residual_connection = False
-
-    class ModuleProcessor(torch.nn.Module):
-        def __call__(self, attn, hidden_states, *args, **kwargs):
-            return AttnProcessor2_0()(attn, hidden_states, *args, **kwargs)
-
-    block.attn2.set_processor(ModuleProcessor())
-    sdmerge.apply(unet, "tome")  # attn2 is not touched by tome
-    with pytest.raises(ValueError, match="attn2: its processor ModuleProcessor is an nn.Module"):
-        sdmerge.apply(unet, "cis")
     assert merged_blocks(unet) == ()  # a failed apply leaves the UNet unpatched
 
 
-def test_merged_attention_outside_its_block_or_unet_or_with_a_mask_is_an_error(inputs):
+def test_a_processor_with_weights_stays_in_the_module_tree(inputs):
+    """An adapter's processor is an nn.Module with weights (IP-Adapter's are): sdmerge replaces no
+    processor, so it stays a submodule (its weights move with .to(), are saved) and runs merged."""
+
+    class ModuleProcessor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+            self.token_counts = []
+
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            self.token_counts.append(hidden_states.shape[1])
+            return self.scale * AttnProcessor2_0()(attn, hidden_states, *args, **kwargs)
+
     unet = sd15_unet()
-    sdmerge.apply(unet, "atc_average", r=0.5)
+    block = unet.get_submodule(SD15_MERGED[0])
+    for attn in (block.attn1, block.attn2):
+        attn.set_processor(ModuleProcessor())
+    parameters = {name for name, _ in unet.named_parameters()}
+    sdmerge.apply(unet, "cis", r=0.5, merge_crossattn=True)
+    assert {name for name, _ in unet.named_parameters()} == parameters
+    forward(unet, *inputs, t=900)
+    forward(unet, *inputs, t=800)
+    assert block.attn1.processor.token_counts == [128, 128] and block.attn2.processor.token_counts == [128, 128]
+
+
+def test_a_block_or_attention_called_outside_a_model_call_runs_unmerged(inputs, caplog):
+    unet = sd15_unet()
     block = unet.get_submodule(SD15_MERGED[0])
     x = torch.randn(2, 256, block.attn1.query_dim)
-    with pytest.raises(RuntimeError, match="called without its block's input"):
-        block.attn1(x)
-    with pytest.raises(ValueError, match="self-attention mask"):
-        block(x, attention_mask=torch.zeros(2, 1, 256), encoder_hidden_states=inputs[1])
+    with torch.no_grad():
+        expected_attention, expected_block = block.attn1(x), block(x, encoder_hidden_states=inputs[1])
+    sdmerge.apply(unet, "atc_average", r=0.5)
+    with caplog.at_level(logging.WARNING, logger="sdmerge.diffusion"), torch.no_grad():
+        assert torch.equal(block.attn1(x), expected_attention)
+        assert torch.equal(block(x, encoder_hidden_states=inputs[1]), expected_block)
+    assert caplog.text.count("attn1 ran outside a call of the patched model, so it ran unmerged") == 1
+    assert not torch.equal(forward(unet, *inputs), forward(sd15_unet(), *inputs))  # merged in a UNet call
 
-    sdmerge.apply(unet, "tome", r=0.5)  # the split needs the token grid, recorded by its Transformer2DModel
-    with pytest.raises(RuntimeError, match="token grid is unknown, because down_blocks.0.attentions.0 received no"):
-        block(x, encoder_hidden_states=inputs[1])
-    forward(unet, *inputs)
-    with pytest.raises(RuntimeError, match="has 100 tokens, not the 16x16 grid down_blocks.0.attentions.0 received"):
-        block(x[:, :100], encoder_hidden_states=inputs[1])
+
+def test_a_self_attention_mask_is_an_error(inputs):
+    unet = sd15_unet()
+    sdmerge.apply(unet, "atc_average", r=0.5)
+    with pytest.raises(ValueError, match=f"{SD15_MERGED[0]}.attn1 got a self-attention mask"):
+        forward(unet, *inputs, attention_mask=torch.ones(2, 256))

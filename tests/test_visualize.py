@@ -10,7 +10,7 @@ from transformers import ViTForImageClassification
 import sdmerge
 from sdmerge.core import MergePlan
 from sdmerge.plan_recording import record_plans, vit_provenance_after
-from sdmerge.stable_diffusion import merged_blocks
+from sdmerge.diffusion import merged_blocks
 from sdmerge.visualize import DROPPED, paint_groups, token_labels
 from tests.test_vit import images, tiny
 from tests.tiny_diffusers import SD15_MERGED, sd15_unet, tiny_pipeline, unet_inputs

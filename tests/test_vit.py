@@ -325,6 +325,25 @@ def test_sizes_add_up_and_state_is_renewed_every_call():
     assert second is not first and second.sizes.shape == (2, 17 - 12)
 
 
+@pytest.mark.parametrize("cls", [ViTForImageClassification, DeiTForImageClassificationWithTeacher])
+def test_provenance_after_a_block_on_the_installed_layer_layout(cls):
+    """sdmerge.plan_recording.vit_provenance_after finds the layers in either layout (this file
+    also runs on transformers 4.50, whose layers are base_model.encoder.layer)."""
+    from sdmerge.plan_recording import vit_provenance_after
+
+    model, x = tiny(cls, num_hidden_layers=4), images(batch=2)
+    protected = 2 if cls is DeiTForImageClassificationWithTeacher else 1
+    sdmerge.apply(model, "atc_average", r=0.5, stages=(1, 3))
+    assert sdmerge.vit.blocks(model) is hf_layers(model)
+    assert vit_provenance_after(model, x, 0) is None
+    after_1, after_3 = vit_provenance_after(model, x, 1), vit_provenance_after(model, x, 3)
+    assert after_1.labels.shape == (2, 16 + protected) and after_1.num_groups == protected + 8
+    assert after_3.num_groups == protected + 4
+    assert torch.equal(after_3.labels, reduction_state(model).provenance.labels)
+    with pytest.raises(ValueError, match=r"block=4 must be an int in \[0, 4\)"):
+        vit_provenance_after(model, x, 4)
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 
@@ -466,7 +485,7 @@ def test_vit_models_need_no_diffusers(monkeypatch):
     real_import = importlib.import_module
 
     def import_module(name, missing="diffusers"):
-        if name == "sdmerge.stable_diffusion":
+        if name == "sdmerge.diffusion":
             raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
         return real_import(name)
 
@@ -474,7 +493,7 @@ def test_vit_models_need_no_diffusers(monkeypatch):
     model, x = tiny(ViTForImageClassification), images()
     sdmerge.apply(model, "tome", tokens_per_block=2)
     assert token_counts(model, x) == [15, 13, 11, 9]
-    with pytest.raises(TypeError, match=r"stable_diffusion \(needs diffusers, not installed\)"):
+    with pytest.raises(TypeError, match=r"diffusion \(needs diffusers, not installed\)"):
         sdmerge.apply(torch.nn.Linear(2, 2))
     monkeypatch.setattr(sdmerge.api.importlib, "import_module", lambda name: import_module(name, missing="numpyy"))
     with pytest.raises(ModuleNotFoundError, match="numpyy"):  # any other missing module is a real error

@@ -19,12 +19,23 @@ def reduction_state(model):
     Raises ``TypeError`` for a model no ViT integration supports and ``ValueError`` for one
     that is not patched.
     """
+    return _vit_integration(model).reduction_state(model)
+
+
+def _vit_integration(model):
+    """The ViT integration module that supports ``model``; ``TypeError`` for other models."""
     from ..api import _integration_for
 
     integration = _integration_for(model)
     if not hasattr(integration, "reduction_state"):
-        raise TypeError(f"{type(model).__name__} is not a ViT/DeiT classifier; reduction_state needs one")
-    return integration.reduction_state(model)
+        raise TypeError(f"{type(model).__name__} is not a ViT/DeiT classifier")
+    return integration
 
 
-__all__ = ["reduction_state"]
+def blocks(model):
+    """The transformer blocks of a ViT/DeiT ``model`` in order, whichever integration supports it
+    (transformers in both layer layouts, timm); ``TypeError`` for other models."""
+    return _vit_integration(model).blocks(model)
+
+
+__all__ = ["blocks", "reduction_state"]

@@ -86,6 +86,11 @@ def remove(model) -> None:
     remove_patch(model)
 
 
+def blocks(model) -> nn.Sequential:
+    """The model's transformer blocks in order (``model.blocks``)."""
+    return model.blocks
+
+
 def reduction_state(model) -> ReductionState | None:
     """The reduction state of the latest forward call (see :func:`sdmerge.vit.reduction_state`)."""
     return latest_state(model)

@@ -137,6 +137,12 @@ def remove(model) -> None:
     remove_patch(model.base_model)
 
 
+def blocks(model) -> nn.ModuleList:
+    """The model's transformer layers in order, in either layout (``base_model.layers`` or
+    ``base_model.encoder.layer``); ``TypeError`` for an unsupported layout."""
+    return _layout_of(model.base_model)[1]
+
+
 def reduction_state(model) -> ReductionState | None:
     """The reduction state of the model's latest forward call (token ``sizes`` ``[B, N_L]`` and
     ``provenance``), or ``None`` before the first call; raises if ``model`` is not patched."""

@@ -1,27 +1,29 @@
-"""Merge plan reuse in Stable Diffusion: ``share_plans`` and ``plan_every`` (off by default).
+"""Merge plan reuse in diffusion models: ``share_plans`` and ``plan_every`` (off by default).
 
 A *plan* here is what one merged block computes before its self-attention: the core
 :class:`~sdmerge.core.plan.MergePlan` and its merge weights. Computing it (bipartite matching,
 exact agglomerative clustering, importance) is the work merging adds to a UNet call; reuse
 computes it less often, at the price of merging tokens with a plan made from older tokens
-(an earlier denoising step, or an earlier block of the same resolution level).
+(an earlier denoising step, or an earlier block of the same token grid).
 
-- ``share_plans``: the key of a plan is the resolution level instead of the block, so the
-  first merged block of a level that runs in a UNet call computes it (from its own input) and
-  the other merged blocks of that level reuse it in the same call, the up path included. The
-  blocks of a level are those whose tokens have the same count ``N`` in the call (the level's
-  token grid; every downsampling lowers the count of a grid of more than one token).
+- ``share_plans``: the key of a plan is the token grid instead of the block, so the first
+  merged block of a grid that runs in a model call computes it (from its own input) and the
+  other merged blocks of that grid reuse it in the same call (a UNet level, the up path
+  included; every block of a diffusion transformer). The blocks of a grid are those whose
+  tokens have the same count ``N`` in the call (every downsampling lowers the count of a grid
+  of more than one token).
 - ``plan_every=k``: *steps* are counted from the start of a generation, one per distinct
-  timestep (the UNet calls at one timestep, e.g. the two halves of classifier-free guidance run
-  separately, are *slots* of one step). Steps ``0, k, 2k, ...`` are *plan steps*: every call
+  timestep (the model calls at one timestep, e.g. the two halves of classifier-free guidance
+  run separately, are *slots* of one step). Steps ``0, k, 2k, ...`` are *plan steps*: every call
   computes new plans. At the steps in between, the call in slot ``j`` reuses the plan that slot
   ``j`` of the latest plan step computed (the latest plan of the key if that step had fewer
   slots). A plan is only reused for tokens of its shape ``(B, N)``; otherwise a new one is
-  computed (and reused from then on). A new generation is a plan step.
+  computed (and reused from then on).
 
-The integration (``sdmerge.stable_diffusion``) tells :class:`PlanReuse` where each UNet call
-stands (:meth:`PlanReuse.start_call`) and asks it for every merged block's plan
-(:meth:`PlanReuse.plan`). Nothing here reads tensors: no host synchronisation.
+One :class:`PlanReuse` serves one generation (:class:`sdmerge.diffusion.generation.Generation`):
+a new generation starts with a new one, whose first step is a plan step. The integration tells it
+where each merged model call stands (:meth:`PlanReuse.start_call`) and asks it for every merged
+block's plan (:meth:`PlanReuse.plan`). Nothing here reads tensors: no host synchronisation.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class _Entry(Generic[Plan]):
 
 
 class PlanReuse(Generic[Plan]):
-    """Decides, for one patched UNet, which plans are computed and which are reused.
+    """Decides, for one generation, which plans are computed and which are reused.
 
     Args:
         plan_every: ``k >= 1``; plans are computed at every ``k``-th step of a generation.
@@ -61,9 +63,8 @@ class PlanReuse(Generic[Plan]):
         self.plan_every = plan_every
         self.share_plans = share_plans
         self._entries: dict[Hashable, _Entry[Plan]] = {}
-        self._call = 0  # UNet calls so far
-        self._step = 0  # a number for every step (unique across generations)
-        self._step_in_generation = 0
+        self._call = 0  # merged model calls so far
+        self._step = -1  # the current step: the first call is step 0
         self._slot = 0
         self._timestep: float | None = None
 
@@ -79,13 +80,12 @@ class PlanReuse(Generic[Plan]):
     @property
     def is_plan_step(self) -> bool:
         """Whether the current UNet call computes new plans (at most one per key with ``share_plans``)."""
-        return self._step_in_generation % self.plan_every == 0
+        return self._step % self.plan_every == 0
 
-    def start_call(self, timestep: float | None = None, new_generation: bool = False) -> None:
-        """Begin a UNet call. ``timestep`` (needed when :attr:`counts_steps`): a call at the
-        previous call's timestep is the next slot of the same step; ``new_generation``: the call
-        starts a generation (its step is 0, a plan step). Without reuse nothing is counted (so
-        a compiled UNet has no call counter to guard on)."""
+    def start_call(self, timestep: float | None = None) -> None:
+        """Begin a merged model call. ``timestep`` (needed when :attr:`counts_steps`): a call at
+        the previous call's timestep is the next slot of the same step. Without reuse nothing is
+        counted (so a compiled model has no call counter to guard on)."""
         if not self.enabled:
             return
         self._call += 1
@@ -94,14 +94,10 @@ class PlanReuse(Generic[Plan]):
             return
         if timestep is None:
             raise ValueError("plan_every > 1 counts steps by timestep: start_call needs the call's timestep")
-        if new_generation:
-            self._step_in_generation, self._slot = 0, 0
-            self._step += 1
-        elif timestep == self._timestep:
+        if timestep == self._timestep:
             self._slot += 1
         else:
-            self._step_in_generation, self._slot = self._step_in_generation + 1, 0
-            self._step += 1
+            self._step, self._slot = self._step + 1, 0
         self._timestep = timestep
 
     def plan(self, block: Hashable, shape: tuple[int, int], compute: Callable[[], Plan]) -> Plan:

@@ -1,4 +1,4 @@
-"""The random source/destination split of the bipartite methods, per UNet call."""
+"""The random source/destination split of the bipartite methods, per model call."""
 
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ class SplitRandomness:
     - ``seed`` given: no generator; the destination of every window is a counter-based hash of
       ``(seed, timestep, block, window)`` computed with int64 tensor ops on the timestep and
       the tokens' device (no host read, no ``torch.Generator``: it compiles into the graph).
-      Identical calls draw identical patterns, on every device; the blocks of one call, the
-      timesteps and the seeds draw different ones. Two UNet calls at the same timestep (e.g.
-      the two halves of classifier-free guidance run separately) get the same patterns.
+      Identical calls draw identical patterns, on every device and in every thread; the blocks
+      of one call, the timesteps and the seeds draw different ones. Two model calls at the same
+      timestep (e.g. the two halves of classifier-free guidance run separately) get the same
+      patterns. The key of a call (:meth:`call_key`) belongs to the call.
     - ``seed=None``: a generator seeded once from a copy of torch's global CPU RNG taken at
       ``apply`` (the global RNG is not advanced) keeps drawing across calls, as in tomesd;
-      runs are reproducible only by calling ``torch.manual_seed`` before ``apply``.
+      runs are reproducible only by calling ``torch.manual_seed`` before ``apply``, and only
+      when the calls run one after the other: threads calling one model draw from it in
+      whatever order they reach it.
     Generators live on the tokens' device, one per device. The whole batch shares one
     pattern (matches are still per sample).
     """
@@ -32,27 +35,29 @@ class SplitRandomness:
         self.seed = seed
         self._fork = torch.Generator().set_state(torch.get_rng_state()) if use_rand and seed is None else None
         self._seed_keys = _key32(f"sdmerge-split/{seed}", 2) if seed is not None else None
-        self._call_key: Tensor | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
 
     @property
     def reseeds(self) -> bool:
         return self.use_rand and self.seed is not None
 
-    def start_call(self, timestep) -> None:
-        """``timestep``: the UNet call's (a tensor, whose first element counts, or a number)."""
-        if self.reseeds:
-            self._call_key = _timestep_key(timestep, *self._seed_keys)
+    def call_key(self, timestep) -> Tensor | None:
+        """With ``seed``: the key of a model call at ``timestep`` (a tensor, whose first element
+        counts, or a number), a ``[]`` int64 tensor; ``None`` otherwise."""
+        return _timestep_key(timestep, *self._seed_keys) if self.reseeds else None
 
-    def cells(self, stream: int, grid: tuple[int, int], sx: int, sy: int, device: torch.device) -> Tensor | None:
+    def cells(
+        self, call_key: Tensor | None, stream: int, grid: tuple[int, int], sx: int, sy: int, device: torch.device
+    ) -> Tensor | None:
         """With ``seed``: the destination cell of every ``sy x sx`` window of ``grid``,
-        ``[h // sy, w // sx, 1]`` int64 on ``device`` (``stream``: the block's :func:`stream_key`);
-        ``None`` otherwise (the split then uses :meth:`generator`)."""
+        ``[h // sy, w // sx, 1]`` int64 on ``device`` (``call_key``: :meth:`call_key` of the call;
+        ``stream``: the block's :func:`stream_key`); ``None`` otherwise (the split then uses
+        :meth:`generator`)."""
         if not self.reseeds:
             return None
         height, width = grid
         windows = torch.arange((height // sy) * (width // sx), device=device, dtype=torch.int64)
-        key = _mix32(self._call_key.to(device) ^ stream)
+        key = _mix32(call_key.to(device) ^ stream)
         return (_mix32(_mix32(windows ^ key) ^ stream) % (sx * sy)).view(height // sy, width // sx, 1)
 
     def generator(self, device: torch.device) -> torch.Generator | None:

@@ -1,9 +1,9 @@
-"""Token importance in Stable Diffusion: the UNet analogue of ToMeCIS's class importance score.
+"""Token importance in diffusion models: the analogue of ToMeCIS's class importance score.
 
 ToMeCIS (Seol et al., eq. 7-8) scores token ``i`` by ``S_i = mean_h(A_cls,h,i * ||V_h,i||_2)``:
-how much the class token attends to ``i``, times the size of what ``i`` contributes. A UNet
-has no class token; what its image tokens answer to is the prompt, through cross-attention.
-For the image tokens of one transformer block we define
+how much the class token attends to ``i``, times the size of what ``i`` contributes. A diffusion
+model has no class token; what its image tokens answer to is the prompt, through
+cross-attention (UNet, PixArt). For the image tokens of one transformer block we define
 
     p_i = mean_h  sum_{t >= 1}  softmax_t(q_i k_t^T / sqrt(d))[h]       (attn2, the cross-attention)
     S_i = p_i * ||v_i||_2,      v_i = attn1.to_v(norm1(x_i))             (attn1, the self-attention)
@@ -14,14 +14,13 @@ the attention of tokens that do not depend on the prompt, so ``p`` is large for 
 do. ``||v_i||`` is the norm of the whole value vector of ``i`` in the self-attention whose
 tokens are merged (attn1 and attn2 have different heads, so the norms are not per head).
 
-``attn2`` runs after ``attn1`` in a block, so ``p`` of the current UNet call is not known when
-``attn1`` merges: the Stable Diffusion integration uses ``p`` from the previous UNet call of
-the same generation (see ``sdmerge.stable_diffusion``).
+``attn2`` runs after ``attn1`` in a block, so ``p`` of the current model call is not known when
+``attn1`` merges: the integration uses ``p`` from the previous call of the same generation
+(:mod:`sdmerge.diffusion.generation`), computed by a forward hook on ``attn2``
+(:func:`cross_attention_mass`).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -67,25 +66,19 @@ def prompt_importance(self_attn: Attention, hidden_states: Tensor, mass: Tensor 
     return importance_score(mass.unsqueeze(1), values.unsqueeze(1))  # one "head": the whole vector
 
 
-class PromptAttentionMassProcessor:
-    """``attn2`` processor: runs the original processor unchanged, and hands ``p`` to ``store``.
-
-    The output is the original processor's, bit for bit; ``p`` is computed on the side (one
-    extra query projection and an ``N x T`` product per call, ``T`` = prompt length).
-    """
-
-    def __init__(self, original, store: Callable[[Tensor], None]):
-        self.original = original
-        self.store = store
-
-    def __call__(self, attn: Attention, hidden_states: Tensor, *args, **kwargs) -> Tensor:
-        output = self.original(attn, hidden_states, *args, **kwargs)
-        encoder_hidden_states = kwargs.get("encoder_hidden_states")
-        if not isinstance(encoder_hidden_states, Tensor):
-            raise TypeError(
-                "the prompt attention mass needs the prompt embeddings as one tensor in attn2's "
-                f"encoder_hidden_states, got {type(encoder_hidden_states).__name__}"
-            )
-        with torch.no_grad():
-            self.store(prompt_attention_mass(attn, hidden_states, encoder_hidden_states, kwargs.get("attention_mask")))
-        return output
+def cross_attention_mass(attn: Attention, args: tuple, kwargs: dict, output) -> Tensor:
+    """``p`` ``[B, N]`` of one call of the cross-attention ``attn`` (``attn2``), from the call's
+    arguments (a forward hook's view: ``hidden_states`` first, ``encoder_hidden_states`` and
+    ``attention_mask`` by keyword, as ``BasicTransformerBlock`` calls it). With an IP-Adapter the
+    prompt comes as ``(text, image embeddings)``: ``p`` is the mass on the text prompt."""
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    encoder_hidden_states = kwargs.get("encoder_hidden_states")
+    if isinstance(encoder_hidden_states, (tuple, list)):  # IP-Adapter: (prompt, image prompt embeddings)
+        encoder_hidden_states = encoder_hidden_states[0]
+    if not isinstance(encoder_hidden_states, Tensor):
+        raise TypeError(
+            "the prompt attention mass needs the prompt embeddings as one tensor in the cross-attention's "
+            f"encoder_hidden_states, got {type(encoder_hidden_states).__name__}"
+        )
+    with torch.no_grad():
+        return prompt_attention_mass(attn, hidden_states, encoder_hidden_states, kwargs.get("attention_mask"))
