@@ -33,8 +33,9 @@ def options(method: str, **extra) -> dict:
     return {**({"seed": 0} if method in BIPARTITE else {}), **extra}
 
 
-def run_threads(work, count: int):
-    """Run ``work(i)`` in ``count`` threads at once; their results, in order (errors re-raised)."""
+def run_threads(work, count: int, barrier: threading.Barrier | None = None):
+    """Run ``work(i)`` in ``count`` threads at once; their results, in order (errors re-raised).
+    A thread that fails breaks ``barrier``, so that the others stop waiting for it."""
     results, errors = [None] * count, []
 
     def target(i):
@@ -42,6 +43,8 @@ def run_threads(work, count: int):
             results[i] = work(i)
         except BaseException as error:  # noqa: BLE001 - handed to the main thread
             errors.append(error)
+            if barrier is not None:
+                barrier.abort()
 
     threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
     for thread in threads:
@@ -49,7 +52,7 @@ def run_threads(work, count: int):
     for thread in threads:
         thread.join()
     if errors:
-        raise errors[0]
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
     return results
 
 
@@ -76,14 +79,14 @@ def test_threads_calling_one_unet_get_the_serial_outputs(method, config):
         outputs = []
         for t in timesteps:
             if barrier is not None:
-                barrier.wait()
+                barrier.wait(timeout=120)
             outputs.append(forward(unet, *inputs[i], t))
         return outputs
 
     serial = [generation(i) for i in range(3)]
     sdmerge.apply(unet, method, r=0.5, **config)  # a fresh patch, as the serial run had
     barrier = threading.Barrier(3)
-    concurrent = run_threads(lambda i: generation(i, barrier), 3)
+    concurrent = run_threads(lambda i: generation(i, barrier), 3, barrier)
     for i in range(3):
         assert all(torch.equal(a, b) for a, b in zip(concurrent[i], serial[i])), (method, i)
 

@@ -149,7 +149,8 @@ def test_apply_again_replaces_the_previous_patch(inputs):
     originals = dict(unet.attn_processors)
     sdmerge.apply(unet, "cis", r=0.6)
     sdmerge.apply(unet, "atc_average", r=0.4)
-    assert isinstance(unet.forward.__self__, ForwardHook) and not isinstance(unet.forward.__self__.wrapped.__self__, ForwardHook)
+    assert isinstance(unet.forward.__self__, ForwardHook)
+    assert not isinstance(unet.forward.__self__.wrapped.__self__, ForwardHook)  # one wrapper, not two
     assert all(unet.attn_processors[name] is processor for name, processor in originals.items())
     assert all("forward" not in block.attn2.__dict__ for block in map(unet.get_submodule, SD15_MERGED))  # cis's mass hook
     twice = forward(unet, *inputs)

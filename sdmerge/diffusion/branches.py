@@ -15,12 +15,11 @@ number of tokens it stands for (proportional attention, ToMe eq. 1):
 
 so a group of ``s`` identical tokens gets exactly the attention its ``s`` tokens would get.
 
-The hooks are forward hooks on the branch modules (``register_forward_pre_hook`` /
-``register_forward_hook`` with keyword arguments), not attention processors: whatever processor a
-layer has (set before or after ``apply``: attention slicing, fused projections, IP-Adapter, LoRA)
-runs unchanged, on merged tokens. Each hook reads the current call of its thread
-(:class:`~sdmerge.diffusion.call.CurrentCall`); without one (a module called outside a call of
-the patched model) the branch runs unmerged.
+The hooks wrap the branch modules' forward (:mod:`sdmerge.diffusion.forward_hooks`), not their
+attention processors: whatever processor a layer has (set before or after ``apply``: attention
+slicing, fused projections, IP-Adapter, LoRA) runs unchanged, on merged tokens. Each hook reads
+the current call of its thread (:class:`~sdmerge.diffusion.call.CurrentCall`); without one (a
+module called outside a call of the patched model) the branch runs unmerged.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from torch import Tensor
 
 from ..core import proportional_attention_bias
 from ..core.plan import MergePlan
-from .call import CurrentCall, Merge
+from .call import CurrentCall
 from .config import MergeConfig
 from .layout import Branch
 from .merged_block import MergedBlock
@@ -55,63 +54,57 @@ def _unmerged_output(branch: Branch, plan: MergePlan, output):
     return (*output[: branch.output], plan.unmerge(output[branch.output]), *output[branch.output + 1 :])
 
 
-class SelfAttentionHooks:
-    """Pre- and forward hook of a merged block's self-attention: make the block's plan; merge its
+class SelfAttentionBranch:
+    """Around a merged block's self-attention: make the block's plan; run the attention on merged
     tokens and unmerge its output (``merge_attn``), or give it merged keys and values
-    (``kv_only``), or leave it unchanged (``merge_attn=False``: only later branches merge)."""
+    (``kv_only``: the layout's :attr:`~.layout.Branch.keys_values`, or diffusers' self-attention
+    taking them as ``encoder_hidden_states``), or leave it unchanged (``merge_attn=False``: only
+    later branches merge)."""
 
     def __init__(self, block: MergedBlock, config: MergeConfig, current: CurrentCall):
         self.block, self.config, self.current = block, config, current
         self.branch = block.site.attention
 
-    def _merged(self) -> Merge | None:
-        call = self.current.get()
-        return None if call is None else call.plans.get(self.block.name)
-
-    def before(self, module, args, kwargs):
+    def around(self, module, forward, args: tuple, kwargs: dict):
         call = self.current.get()
         if call is None:
             self.block.outside_a_call()
-            return None
-        tokens = self.branch.tokens.get(args, kwargs)
-        merge = self.block.plan(call, module, tokens)
+            return forward(*args, **kwargs)
+        merge = self.block.plan(call, module, args, kwargs)
         if merge is None or not self.config.merge_attn:
-            return None
+            return forward(*args, **kwargs)
         if kwargs.get("attention_mask") is not None:
             raise ValueError(f"{self.branch.name} got a self-attention mask, which merged tokens cannot use")
         plan, weights = merge
+        tokens = self.branch.tokens.get(args, kwargs)
         if not self.config.kv_only:
-            return self.branch.tokens.replace(args, kwargs, plan.merge(tokens, weights))
+            args, kwargs = self.branch.tokens.replace(args, kwargs, plan.merge(tokens, weights))
+            return _unmerged_output(self.branch, plan, forward(*args, **kwargs))
+        if self.branch.keys_values is not None:
+            bias = None if plan.equal_groups else proportional_attention_bias(plan.merged_sizes, tokens.dtype)
+            return self.branch.keys_values(module, args, kwargs, plan.merge(tokens, weights), bias)
         if getattr(module, "fused_projections", False):
             raise ValueError(
                 f"kv_only cannot merge {self.branch.name} with fused QKV projections (fuse_qkv_projections): its keys "
                 "and values need a projection of their own; call unfuse_qkv_projections() first"
             )
-        return args, {**kwargs, **merged_keys_and_values(plan, weights, tokens)}
-
-    def after(self, module, args, kwargs, output):
-        merge = self._merged()
-        if merge is None or not self.config.merge_attn or self.config.kv_only:
-            return None
-        return _unmerged_output(self.branch, merge[0], output)
+        return forward(*args, **{**kwargs, **merged_keys_and_values(plan, weights, tokens)})
 
 
-class LaterBranchHooks:
-    """Pre- and forward hook of a branch after the self-attention (``merge_crossattn``:
-    ``attn2``; ``merge_mlp``: ``ff``): merge its tokens with the block's plan, unmerge its output;
-    unchanged when the block merges nothing in this call. The prompt is never merged."""
+class LaterBranch:
+    """Around a branch after the self-attention (``merge_crossattn``: the cross-attention or
+    second self-attention; ``merge_mlp``: the feed-forward): merge its tokens with the block's
+    plan, unmerge its output; unchanged when the block merges nothing in this call. The prompt is
+    never merged."""
 
     def __init__(self, block: MergedBlock, branch: Branch, option: str, current: CurrentCall):
         self.block, self.branch, self.option, self.current = block, branch, option, current
 
-    def _merged(self) -> Merge | None:
+    def around(self, module, forward, args: tuple, kwargs: dict):
         call = self.current.get()
-        return None if call is None else call.plans.get(self.block.name)
-
-    def before(self, module, args, kwargs):
-        merge = self._merged()
+        merge = None if call is None else call.plans.get(self.block.name)
         if merge is None:
-            return None
+            return forward(*args, **kwargs)
         plan, weights = merge
         tokens = self.branch.tokens.get(args, kwargs)
         if tokens.shape[:2] != plan.labels.shape:
@@ -120,8 +113,5 @@ class LaterBranchHooks:
                 "(a chunked feed-forward, enable_forward_chunking?); merging it needs the whole token sequence: call "
                 "disable_forward_chunking() on the model"
             )
-        return self.branch.tokens.replace(args, kwargs, plan.merge(tokens, weights))
-
-    def after(self, module, args, kwargs, output):
-        merge = self._merged()
-        return None if merge is None else _unmerged_output(self.branch, merge[0], output)
+        args, kwargs = self.branch.tokens.replace(args, kwargs, plan.merge(tokens, weights))
+        return _unmerged_output(self.branch, plan, forward(*args, **kwargs))

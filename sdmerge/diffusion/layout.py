@@ -37,22 +37,45 @@ class Argument:
         return args, {**kwargs, self.name: value}
 
 
+KeysAndValues = Callable[[nn.Module, tuple, dict, Tensor, "Tensor | None"], object]
+"""``(attention, args, kwargs, merged [B, M, C], bias [B, 1, 1, M] or None) -> output``: a self-attention
+call whose queries are all ``N`` tokens and whose image keys and values are the ``M`` merged ones,
+with the proportional-attention bias ``log(sizes)`` on their logits (``kv_only``)."""
+
+
 @dataclass(eq=False)
 class Branch:
     """A submodule of a block that can run on merged tokens: merge its input, unmerge its output.
 
     ``tokens``: the argument holding the image tokens ``[B, N, C]``; ``output``: where the image
-    tokens are in its output (``None``: the output is them; ``i``: ``output[i]`` of a tuple)."""
+    tokens are in its output (``None``: the output is them; ``i``: ``output[i]`` of a tuple).
+    ``keys_values``: for a self-attention whose module cannot take merged keys and values as
+    ``encoder_hidden_states`` (a joint attention), the layout's own ``kv_only`` call."""
 
     name: str
     module: nn.Module
     tokens: Argument
     output: int | None = None
+    keys_values: KeysAndValues | None = None
 
 
 MassFunction = Callable[[nn.Module, tuple, dict, object], Tensor]
 """``(module, args, kwargs, output) -> p [B, N]``: the prompt attention mass of one call of a
-block's module (its forward hook computes it), see :mod:`sdmerge.diffusion.prompt_importance`."""
+block's module, see :mod:`sdmerge.diffusion.prompt_importance`."""
+
+
+@dataclass(frozen=True, eq=False)
+class PromptMass:
+    """Where a block's prompt attention mass ``p`` ``[B, N]`` comes from (``cis``, ``crucial``).
+
+    ``this_call=False``: ``function`` runs after each call of ``module`` (a cross-attention that
+    runs after the self-attention); the next call of the generation uses it. ``this_call=True``:
+    ``function`` runs on the self-attention's own arguments before it (``output`` is ``None``), so
+    the call's plan uses the call's own ``p`` (a joint attention sees the prompt itself)."""
+
+    module: nn.Module
+    function: MassFunction
+    this_call: bool = False
 
 
 @dataclass(eq=False)
@@ -69,8 +92,8 @@ class BlockSite:
         crossattn: the branch ``merge_crossattn`` merges (UNet, PixArt: the cross-attention;
             SD3.5: the second self-attention ``attn2``), or ``None``.
         mlp: the feed-forward branch (``merge_mlp``).
-        mass: ``(module, function)`` giving the prompt attention mass ``p`` of ``cis`` and
-            ``crucial`` (computed by a forward hook on ``module``), or ``None``.
+        mass: where the prompt attention mass ``p`` of ``cis`` and ``crucial`` comes from, or
+            ``None`` (those methods are then refused).
     """
 
     name: str
@@ -80,7 +103,7 @@ class BlockSite:
     attention: Branch
     crossattn: Branch | None = None
     mlp: Branch | None = None
-    mass: tuple[nn.Module, MassFunction] | None = None
+    mass: PromptMass | None = None
 
 
 @dataclass(eq=False)

@@ -53,19 +53,21 @@ class MergedBlock:
                 "calls of the whole model (UNet or transformer) or of its pipeline.", self.site.attention.name,
             )
 
-    def plan(self, call: CallState, attn: nn.Module, hidden_states: Tensor) -> Merge | None:
-        """The plan and merge weights for ``hidden_states: [B, N, C]``; ``None`` when the call
-        does not merge, nothing is removed, or the token grid holds no window of the split."""
+    def plan(self, call: CallState, attn: nn.Module, args: tuple, kwargs: dict) -> Merge | None:
+        """The plan and merge weights for the tokens ``h: [B, N, C]`` of the self-attention call
+        ``attn(*args, **kwargs)``; ``None`` when the call does not merge, nothing is removed, or
+        the token grid holds no window of the split."""
         if self.name not in call.plans:
-            call.plans[self.name] = self._plan(call, attn, hidden_states)
+            call.plans[self.name] = self._plan(call, attn, args, kwargs)
         return call.plans[self.name]
 
-    def _plan(self, call: CallState, attn: nn.Module, hidden_states: Tensor) -> Merge | None:
+    def _plan(self, call: CallState, attn: nn.Module, args: tuple, kwargs: dict) -> Merge | None:
+        hidden_states = self.site.attention.tokens.get(args, kwargs)
         metric = call.metrics.pop(self.name, None)
         if metric is None or metric.shape[:2] != hidden_states.shape[:2]:
             raise RuntimeError(
-                f"{self.site.attention.name} was called without its block's input, which sdmerge takes in a pre-hook "
-                "on the block: call the block (or the whole model), not its attention alone"
+                f"{self.site.attention.name} was called without its block's input, which sdmerge takes when the block "
+                "is called: call the block (or the whole model), not its attention alone"
             )
         if not call.merging:
             return None
@@ -78,18 +80,18 @@ class MergedBlock:
         if method.needs_split and not self._grid_holds_a_window(grid):
             return None
         merge = call.generation.plans.plan(
-            self.name, hidden_states.shape[:2], lambda: self._new_plan(call, attn, metric, hidden_states, remove, grid)
+            self.name, hidden_states.shape[:2], lambda: self._new_plan(call, attn, args, kwargs, metric, remove, grid)
         )
         if self.observer is not None:
             self.observer(self, merge[0], call.grids.get(self.site.carrier))
         return merge
 
     @torch.no_grad()  # a plan is a discrete choice: no gradient, and nothing saved for backward
-    def _new_plan(self, call: CallState, attn: nn.Module, metric: Tensor, hidden_states: Tensor, remove: int, grid):
+    def _new_plan(self, call: CallState, attn: nn.Module, args: tuple, kwargs: dict, metric: Tensor, remove: int, grid):
         """Group ``metric: [B, N, C]`` so that ``remove`` tokens go; the plan and merge weights."""
         method = self.state.method
-        split = self._split(call, grid, hidden_states.device) if method.needs_split else None
-        importance = self._importance(call, attn, hidden_states) if method.needs_importance else None
+        split = self._split(call, grid, metric.device) if method.needs_split else None
+        importance = self._importance(call, attn, args, kwargs) if method.needs_importance else None
         window = self.state.config.window if method.grouping == "grid" else None
         plan = method.plan(metric, remove, importance=importance, split=split, grid=grid, window=window)
         if importance is not None and method.needs_split and isinstance(call.starts_generation, Tensor):
@@ -134,11 +136,15 @@ class MergedBlock:
         generator = randomness.generator(device)
         return random_2d_split(*grid, config.sx, config.sy, generator=generator, device=device, cell=cell)
 
-    def _importance(self, call: CallState, attn: nn.Module, hidden_states: Tensor) -> Tensor | None:
-        """``p_i * ||v_i||`` (:mod:`sdmerge.diffusion.prompt_importance`), ``p`` from the
-        generation's previous call. Without ``p`` (first call of a generation): ``None`` for
-        methods that only weight by importance (cis: uniform weights, i.e. tome), ``||v_i||``
-        (uniform ``p``) for the one that selects tokens by it (crucial)."""
+    def _importance(self, call: CallState, attn: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
+        """``p_i * ||v_i||`` (:mod:`sdmerge.diffusion.prompt_importance`) for the self-attention's
+        tokens ``h``, ``p`` from this call's arguments (a joint attention) or from the generation's
+        previous call. Without ``p`` (first call of a generation): ``None`` for methods that only
+        weight by importance (cis: uniform weights, i.e. tome), ``||v_i||`` (uniform ``p``) for
+        the one that selects tokens by it (crucial)."""
+        hidden_states = self.site.attention.tokens.get(args, kwargs)
+        if self.site.mass.this_call:
+            return prompt_importance(attn, hidden_states, self.site.mass.function(attn, args, kwargs, None))
         mass = call.generation.masses.get(self.name)
         if mass is None and self.state.method.needs_split:
             return None

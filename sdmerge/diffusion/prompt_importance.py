@@ -14,6 +14,20 @@ the attention of tokens that do not depend on the prompt, so ``p`` is large for 
 do. ``||v_i||`` is the norm of the whole value vector of ``i`` in the self-attention whose
 tokens are merged (attn1 and attn2 have different heads, so the norms are not per head).
 
+A T5 prompt (PixArt) has no start token; its special token is the end token ``</s>`` after the
+words (padding is masked). There ``p_i`` is the mass on the prompt's words: every unmasked token
+but the end token (:func:`prompt_attention_mass` with ``special="end"``).
+
+A joint attention (SD3's MMDiT) has no cross-attention, but the prompt's tokens are queries of
+the same attention as the image tokens: they attend to them, as ToMeCIS's class token does. For
+image token ``i`` of one block (:func:`joint_attention_mass`):
+
+    p_i = mean_h  mean_{t in text}  softmax_{j in image and text}(q_t k_j^T / sqrt(d))[h, t, i]
+
+the attention the text tokens pay to ``i``, from the call's own projections (``T x (N + T)``
+logits per head for ``T`` text tokens: no ``N x N`` matrix), so it is known before the attention
+runs and the call's plan uses its own ``p``.
+
 ``attn2`` runs after ``attn1`` in a block, so ``p`` of the current model call is not known when
 ``attn1`` merges: the integration uses ``p`` from the previous call of the same generation
 (:mod:`sdmerge.diffusion.generation`), computed by a forward hook on ``attn2``
@@ -29,16 +43,29 @@ from torch import Tensor
 from ..core import importance_score
 
 
+SPECIAL_TOKENS = ("start", "end")
+"""Which prompt token :func:`prompt_attention_mass` leaves out: CLIP's start token (the first), or
+T5's end token (the last unmasked one)."""
+
+
 def prompt_attention_mass(
-    attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor, attention_mask: Tensor | None = None
+    attn: Attention,
+    hidden_states: Tensor,
+    encoder_hidden_states: Tensor,
+    attention_mask: Tensor | None = None,
+    special: str = "start",
 ) -> Tensor:
-    """``p_i``: the cross-attention mass on the prompt tokens after the first, averaged over heads.
+    """``p_i``: the cross-attention mass on the prompt tokens other than the special one, averaged
+    over heads.
 
     Args:
         attn: the cross-attention module (``attn2``).
         hidden_states: ``[B, N, C]`` image tokens, as ``attn2`` receives them (``norm2(x)``).
-        encoder_hidden_states: ``[B, T, C_text]`` prompt embeddings; token 0 is the start token.
-        attention_mask: the additive mask ``attn2`` receives, if any (``[B, 1, T]``).
+        encoder_hidden_states: ``[B, T, C_text]`` prompt embeddings.
+        attention_mask: the additive mask ``attn2`` receives, if any (``[B, 1, T]``, large
+            negative on padding).
+        special: ``"start"``: token 0 is left out (CLIP); ``"end"``: the last unmasked token is
+            left out (T5's ``</s>``).
 
     Returns ``[B, N]`` float32. The probabilities are those of diffusers' reference attention
     (``attn.get_attention_scores``: ``softmax(q k^T * attn.scale + mask)``).
@@ -50,8 +77,48 @@ def prompt_attention_mass(
     key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # [B*H, T, d]
     mask = attn.prepare_attention_mask(attention_mask, key.shape[1], batch_size)
     probabilities = attn.get_attention_scores(query, key, mask)  # [B*H, N, T]
-    mass = probabilities[..., 1:].float().sum(dim=-1)
+    if special == "start":
+        mass = probabilities[..., 1:].float().sum(dim=-1)
+    else:
+        last = _last_unmasked(attention_mask, batch_size, key.shape[1], key.device)  # [B]
+        index = last.repeat_interleave(attn.heads).view(-1, 1, 1).expand(-1, num_tokens, 1)
+        mass = probabilities.float().sum(dim=-1) - probabilities.gather(-1, index).float().squeeze(-1)
     return mass.view(batch_size, attn.heads, num_tokens).mean(dim=1)
+
+
+def _last_unmasked(attention_mask: Tensor | None, batch_size: int, tokens: int, device) -> Tensor:
+    """``[B]`` index of each sample's last prompt token that the additive mask ``[B, 1, T]`` keeps
+    (``> -1``: diffusers masks with -10000 or -inf); the last token without a mask."""
+    if attention_mask is None:
+        return torch.full((batch_size,), tokens - 1, device=device)
+    kept = attention_mask.reshape(batch_size, -1)[:, -tokens:] > -1
+    return kept.long().cumsum(dim=1).argmax(dim=1)  # where the count of kept tokens reaches its end
+
+
+def joint_attention_mass(attn: Attention, args: tuple, kwargs: dict, output=None) -> Tensor:
+    """``p`` ``[B, N]`` float32 of SD3's joint attention ``attn`` called with the image tokens
+    ``hidden_states`` ``[B, N, C]`` and the prompt tokens ``encoder_hidden_states`` ``[B, T, C]``
+    (keywords, as ``JointTransformerBlock`` calls it): the attention the prompt's tokens pay to each
+    image token, averaged over prompt tokens and heads (module docstring), with the attention's
+    own projections and query/key normalisations."""
+    image = args[0] if args else kwargs["hidden_states"]
+    text = kwargs["encoder_hidden_states"]
+    heads = attn.heads
+
+    def split(x: Tensor) -> Tensor:  # [B, S, H*d] -> [B, H, S, d]
+        return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+    query = split(attn.add_q_proj(text))
+    key_image, key_text = split(attn.to_k(image)), split(attn.add_k_proj(text))
+    if attn.norm_added_q is not None:
+        query = attn.norm_added_q(query)
+    if attn.norm_k is not None:
+        key_image = attn.norm_k(key_image)
+    if attn.norm_added_k is not None:
+        key_text = attn.norm_added_k(key_text)
+    logits = torch.cat([query @ key_image.transpose(-1, -2), query @ key_text.transpose(-1, -2)], dim=-1)
+    probabilities = torch.softmax(logits.float() * query.shape[-1] ** -0.5, dim=-1)  # [B, H, T, N + T]
+    return probabilities[..., : image.shape[1]].mean(dim=(1, 2))
 
 
 def prompt_importance(self_attn: Attention, hidden_states: Tensor, mass: Tensor | None) -> Tensor:
@@ -66,11 +133,12 @@ def prompt_importance(self_attn: Attention, hidden_states: Tensor, mass: Tensor 
     return importance_score(mass.unsqueeze(1), values.unsqueeze(1))  # one "head": the whole vector
 
 
-def cross_attention_mass(attn: Attention, args: tuple, kwargs: dict, output) -> Tensor:
+def cross_attention_mass(attn: Attention, args: tuple, kwargs: dict, output, special: str = "start") -> Tensor:
     """``p`` ``[B, N]`` of one call of the cross-attention ``attn`` (``attn2``), from the call's
-    arguments (a forward hook's view: ``hidden_states`` first, ``encoder_hidden_states`` and
-    ``attention_mask`` by keyword, as ``BasicTransformerBlock`` calls it). With an IP-Adapter the
-    prompt comes as ``(text, image embeddings)``: ``p`` is the mass on the text prompt."""
+    arguments (``hidden_states`` first, ``encoder_hidden_states`` and ``attention_mask`` by
+    keyword, as ``BasicTransformerBlock`` calls it); ``special``: see :func:`prompt_attention_mass`.
+    With an IP-Adapter the prompt comes as ``(text, image embeddings)``: ``p`` is the mass on the
+    text prompt."""
     hidden_states = args[0] if args else kwargs["hidden_states"]
     encoder_hidden_states = kwargs.get("encoder_hidden_states")
     if isinstance(encoder_hidden_states, (tuple, list)):  # IP-Adapter: (prompt, image prompt embeddings)
@@ -81,4 +149,9 @@ def cross_attention_mass(attn: Attention, args: tuple, kwargs: dict, output) -> 
             f"encoder_hidden_states, got {type(encoder_hidden_states).__name__}"
         )
     with torch.no_grad():
-        return prompt_attention_mass(attn, hidden_states, encoder_hidden_states, kwargs.get("attention_mask"))
+        return prompt_attention_mass(attn, hidden_states, encoder_hidden_states, kwargs.get("attention_mask"), special)
+
+
+def t5_cross_attention_mass(attn: Attention, args: tuple, kwargs: dict, output) -> Tensor:
+    """:func:`cross_attention_mass` for a T5 prompt: the mass on every word but the end token."""
+    return cross_attention_mass(attn, args, kwargs, output, special="end")

@@ -10,9 +10,9 @@ Hooks (:class:`~sdmerge.diffusion.forward_hooks.ForwardHook`, wrappers of the mo
 that ``torch.compile`` sees; all removed by :meth:`MergeState.uninstall`; no submodule, processor
 or weight is replaced):
 
-- the denoiser: before its forward the call starts (:meth:`MergeState.start_call`), after it it ends;
-- each carrier: before its forward, the call is put in the attention keyword arguments it passes on;
-- each receiving block: before its forward, the call is taken out again (and, for merged blocks,
+- the denoiser: around its forward, the call (:meth:`MergeState.run_call`);
+- each carrier: around its forward, the call is put in the attention keyword arguments it passes on;
+- each receiving block: around its forward, the call is taken out again (and, for merged blocks,
   the block input is kept as the metric);
 - each merged block's branches: :mod:`sdmerge.diffusion.branches`; and for ``cis`` / ``crucial``
   the prompt mass is recorded after the module that gives it.
@@ -31,7 +31,7 @@ from torch import nn
 
 from ..methods import Method, get_method
 from . import pipeline_calls
-from .branches import LaterBranchHooks, SelfAttentionHooks
+from .branches import LaterBranch, SelfAttentionBranch
 from .call import CARRIED, CallState, CurrentCall
 from .config import MergeConfig
 from .forward_hooks import ForwardHook
@@ -76,6 +76,11 @@ class MergeState:
         self.blocks = [MergedBlock(site, self) for site in layout.sites]
         for site in layout.sites:
             self._check_site(site)
+        if config.merge_crossattn and all(site.crossattn is None for site in layout.sites):
+            raise ValueError(
+                f"merge_crossattn: none of the merged blocks of this {layout.family} model has a cross-attention "
+                "(or a second self-attention, as SD3.5's dual-attention blocks) to merge"
+            )
         self._hooks: list[ForwardHook] = []
 
     @property
@@ -85,7 +90,8 @@ class MergeState:
     @property
     def tracks_generations(self) -> bool:
         """Whether the timestep rule matters: the prompt mass of the previous call, or steps."""
-        return self.method.needs_importance or self.config.plan_every > 1
+        previous_mass = self.method.needs_importance and any(not site.mass.this_call for site in self.layout.sites)
+        return previous_mass or self.config.plan_every > 1
 
     @property
     def keeps_generations(self) -> bool:
@@ -101,9 +107,7 @@ class MergeState:
     def _check_site(self, site: BlockSite) -> None:
         config = self.config
         _check_attention(site.attention.name, site.attention.module, merges=True, reads_probabilities=False)
-        if config.merge_crossattn:
-            if site.crossattn is None:
-                raise ValueError(f"merge_crossattn: {site.name} has no cross-attention (or second attention) to merge")
+        if config.merge_crossattn and site.crossattn is not None:
             _check_attention(site.crossattn.name, site.crossattn.module, merges=True, reads_probabilities=False)
         if config.merge_mlp and site.mlp is None:
             raise ValueError(f"merge_mlp: {site.name} has no feed-forward layer")
@@ -113,20 +117,20 @@ class MergeState:
                     f"method {config.method!r} weighs tokens by their prompt attention mass, which {site.name} "
                     "cannot give (no cross-attention)"
                 )
-            if site.crossattn is not None and site.mass[0] is site.crossattn.module:
-                _check_attention(site.crossattn.name, site.mass[0], merges=False, reads_probabilities=True)
+            if site.crossattn is not None and site.mass.module is site.crossattn.module:
+                _check_attention(site.crossattn.name, site.mass.module, merges=False, reads_probabilities=True)
 
     # --- installing ---------------------------------------------------------------------------
 
-    def _hook(self, module: nn.Module, before=None, after=None) -> None:
-        self._hooks.append(ForwardHook(module, before, after))
+    def _hook(self, module: nn.Module, around) -> None:
+        self._hooks.append(ForwardHook(module, around))
 
     def install(self) -> None:
         # hooks are bound methods and partials of them (no closures), so that copy.deepcopy of the
         # model copies them with this state (see __setstate__)
-        self._hook(self.layout.denoiser, self.start_call, self.end_call)
-        for carrier in self.layout.carriers:
+        for carrier in self.layout.carriers:  # before the denoiser's own hook, which must be outermost
             self._hook(carrier.module, partial(self.carry, carrier))
+        self._hook(self.layout.denoiser, self.run_call)
         merged = {block.name: block for block in self.blocks}
         for carrier in self.layout.carriers:
             for name, module, argument in carrier.receivers:
@@ -137,15 +141,13 @@ class MergeState:
 
     def _install_branches(self, block: MergedBlock) -> None:
         site, config = block.site, self.config
-        attention = SelfAttentionHooks(block, config, self.current)
-        self._hook(site.attention.module, attention.before, attention.after)
-        if self.method.needs_importance:  # inside a merging wrapper of the same module: p of the merged tokens
-            module, mass = site.mass
-            self._hook(module, after=partial(self.record_mass, block, mass))
+        self._hook(site.attention.module, SelfAttentionBranch(block, config, self.current).around)
+        if self.method.needs_importance and not site.mass.this_call:
+            # inside a merging wrapper of the same module (installed next): p of the merged tokens
+            self._hook(site.mass.module, partial(self.record_mass, block, site.mass.function))
         for branch, option in ((site.crossattn, "merge_crossattn"), (site.mlp, "merge_mlp")):
-            if getattr(config, option):
-                hooks = LaterBranchHooks(block, branch, option, self.current)
-                self._hook(branch.module, hooks.before, hooks.after)
+            if getattr(config, option) and branch is not None:  # a block without a second attention: none to merge
+                self._hook(branch.module, LaterBranch(block, branch, option, self.current).around)
 
     def uninstall(self) -> None:
         for hook in reversed(self._hooks):  # the last wrapper of a module is outermost
@@ -162,8 +164,17 @@ class MergeState:
 
     # --- per call -----------------------------------------------------------------------------
 
-    def start_call(self, module, args, kwargs) -> None:
-        """The denoiser's forward pre-hook: this thread's :class:`CallState` for the call."""
+    def run_call(self, module, forward, args: tuple, kwargs: dict):
+        """Around the denoiser: this thread's :class:`CallState` for the call, for its duration
+        (after it, the state lives on only where a checkpointed block's saved arguments hold it,
+        until its backward pass)."""
+        self.current.set(self._new_call(module, args, kwargs))
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            self.current.set(None)
+
+    def _new_call(self, module, args: tuple, kwargs: dict) -> CallState:
         layout, config = self.layout, self.config
         sample = layout.sample.get(args, kwargs)
         timestep = layout.timestep.get(args, kwargs)
@@ -180,40 +191,38 @@ class MergeState:
         if merging:
             generation.plans.start_call(timestep if generation.plans.counts_steps else None)
         split_key = self.randomness.call_key(timestep) if merging else None
-        self.current.set(CallState(generation, starts, merging, split_key))
+        return CallState(generation, starts, merging, split_key)
 
-    def end_call(self, module, args, kwargs, output) -> None:
-        """The denoiser's forward hook: the call is over (its state lives on only where a
-        checkpointed block's saved arguments hold it, until its backward pass)."""
-        self.current.set(None)
-
-    def carry(self, carrier: Carrier, module, args, kwargs):
-        """A carrier's forward pre-hook: record its token grid in this thread's call, and put the
-        call in the attention keyword arguments it passes to its blocks."""
+    def carry(self, carrier: Carrier, module, forward, args: tuple, kwargs: dict):
+        """Around a carrier: record its token grid in this thread's call, and put the call in the
+        attention keyword arguments it passes to its blocks."""
         call = self.current.get()
-        if call is None:
-            return None
-        grid = carrier.grid(args, kwargs)
-        if grid is not None:
-            call.grids[carrier.name] = grid
-        given = carrier.attention_kwargs.get(args, kwargs) or {}
-        return carrier.attention_kwargs.replace(args, kwargs, {**given, CARRIED: call})
+        if call is not None:
+            grid = carrier.grid(args, kwargs)
+            if grid is not None:
+                call.grids[carrier.name] = grid
+            given = carrier.attention_kwargs.get(args, kwargs) or {}
+            args, kwargs = carrier.attention_kwargs.replace(args, kwargs, {**given, CARRIED: call})
+        return forward(*args, **kwargs)
 
-    def receive(self, argument: Argument, block: MergedBlock | None, module, args, kwargs):
-        """A receiving block's forward pre-hook: take the call out of its attention keyword
-        arguments and make it this thread's current call; a merged block keeps its input tokens."""
+    def receive(self, argument: Argument, block: MergedBlock | None, module, forward, args: tuple, kwargs: dict):
+        """Around a receiving block: take the call out of its attention keyword arguments and make
+        it this thread's current call; a merged block keeps its input tokens (the metric)."""
         given = argument.get(args, kwargs)
-        if not given or CARRIED not in given:
-            return None
-        rest = dict(given)
-        call: CallState = rest.pop(CARRIED)
-        self.current.set(call)
-        if block is not None:
-            call.metrics[block.name] = block.site.tokens.get(args, kwargs)
-        return argument.replace(args, kwargs, rest)
+        if given and CARRIED in given:
+            rest = dict(given)
+            call: CallState = rest.pop(CARRIED)
+            self.current.set(call)
+            if block is not None:
+                call.metrics[block.name] = block.site.tokens.get(args, kwargs)
+            args, kwargs = argument.replace(args, kwargs, rest)
+        return forward(*args, **kwargs)
 
-    def record_mass(self, block: MergedBlock, mass: MassFunction, module, args, kwargs, output) -> None:
-        """Forward hook (``cis``, ``crucial``): keep the prompt mass of this call for the next."""
+    def record_mass(self, block: MergedBlock, mass: MassFunction, module, forward, args: tuple, kwargs: dict):
+        """Around the module that gives the prompt mass (``cis``, ``crucial``): keep ``p`` of
+        this call for the next."""
+        output = forward(*args, **kwargs)
         call = self.current.get()
         if call is not None:
             block.store_mass(call, mass(module, args, kwargs, output))
+        return output

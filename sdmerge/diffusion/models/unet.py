@@ -20,7 +20,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from torch._dynamo.eval_frame import OptimizedModule
 
 from ..config import MergeConfig
-from ..layout import Argument, BlockSite, Branch, Carrier, Layout
+from ..layout import Argument, BlockSite, Branch, Carrier, Layout, PromptMass
 from ..prompt_importance import cross_attention_mass
 
 SUPPORTED = "DiffusionPipeline (with a UNet2DConditionModel), UNet2DConditionModel (torch.compile'd or not)"
@@ -131,7 +131,7 @@ def _site(name: str, block: BasicTransformerBlock, carrier: str, config: MergeCo
         attention=Branch(f"{name}.attn1", block.attn1, HIDDEN_STATES),
         crossattn=None if attn2 is None else Branch(f"{name}.attn2", attn2, HIDDEN_STATES),
         mlp=None if getattr(block, "ff", None) is None else Branch(f"{name}.ff", block.ff, HIDDEN_STATES),
-        mass=None if attn2 is None else (attn2, cross_attention_mass),
+        mass=None if attn2 is None else PromptMass(attn2, cross_attention_mass),
     )
 
 
