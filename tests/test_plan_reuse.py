@@ -127,12 +127,21 @@ def default_outputs(methods=SD_METHODS) -> dict[str, torch.Tensor]:
     return out
 
 
+# The reference was saved on an AMD EPYC CPU. On an Intel Xeon the 3-step cis pipeline generation
+# differs by 3.5e-4 (every other entry by at most 1.4e-6), with the code of then as with today's,
+# at 1 and 2 threads: a near-tie in one of its matchings goes the other way with that CPU's float32
+# products. Every other entry keeps the tolerance of float32 round-off; a change of a method moves
+# these outputs by 1e-2 or more.
+CPU_DEPENDENT = {"cis/pipeline": 1e-3}
+
+
 def test_defaults_give_the_outputs_of_before_plan_reuse():
     expected = torch.load(REFERENCE)
     got = default_outputs(methods=tuple(dict.fromkeys(key.split("/")[0] for key in expected)))  # the methods of then
     assert got.keys() == expected.keys()
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-5, msg=key)
+        tolerance = CPU_DEPENDENT.get(key, 1e-5)
+        torch.testing.assert_close(got[key], expected[key], atol=tolerance, rtol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("method", SD_METHODS)

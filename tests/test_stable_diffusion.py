@@ -429,7 +429,8 @@ def test_bad_arguments_raise_clear_errors():
 def test_models_without_a_unet_are_rejected():
     supported = (
         r"builtins.object; supported: DiffusionPipeline \(with a UNet2DConditionModel\), "
-        r"UNet2DConditionModel \(torch.compile'd or not\); ViTModel"
+        r"UNet2DConditionModel \(torch.compile'd or not\); StableDiffusion3Pipeline .*; "
+        r"PixArtAlphaPipeline / PixArtSigmaPipeline, PixArtTransformer2DModel .*; ViTModel"
     )
     with pytest.raises(TypeError, match=supported):
         sdmerge.apply(object())

@@ -89,16 +89,16 @@ class MergeState:
 
     @property
     def tracks_generations(self) -> bool:
-        """Whether the timestep rule matters: the prompt mass of the previous call, or steps."""
+        """Whether the timestep rule matters: the prompt mass of the previous call, steps, or
+        which calls of a generation merged (``timestep_range``)."""
         previous_mass = self.method.needs_importance and any(not site.mass.this_call for site in self.layout.sites)
-        return previous_mass or self.config.plan_every > 1
+        return previous_mass or self.config.plan_every > 1 or self.config.timestep_range is not None
 
     @property
     def keeps_generations(self) -> bool:
         """Whether anything is kept per generation: the prompt mass, reused plans, or which calls
         merged (``timestep_range``)."""
-        config = self.config
-        return self.tracks_generations or config.share_plans or config.timestep_range is not None
+        return self.tracks_generations or self.config.share_plans
 
     @property
     def reads_timestep_on_host(self) -> bool:
