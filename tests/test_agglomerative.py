@@ -1,6 +1,13 @@
 """ATC: identical partitions to scipy's linkage + fcluster on the same float64 distances, on both
 clustering paths; the accelerator path's operation and synchronisation counts per round; the
-memory check; bad arguments."""
+memory check and the CPU path's measured peak memory; bad arguments."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +19,7 @@ from eval.dispatch_counts import count_dispatches
 from sdmerge import cluster
 from sdmerge.core import LINKAGES, agglomerative_clustering, cosine_distances
 from sdmerge.core.agglomerative import ClusteringMemoryError, agglomerative_labels, cluster_with_rounds
+from sdmerge.core.device_memory import HOST_MARGIN
 from sdmerge.core.rnn_rounds import ROUND_RANGE
 from tests.helpers import canonical, clustered_metric, scipy_partition
 
@@ -244,26 +252,107 @@ def test_memory_check_raises_before_allocating(monkeypatch):
         with pytest.raises(ClusteringMemoryError) as error:
             cluster(metric, 100, path=path)
         message = str(error.value)
-        needed = agglomerative.clustering_bytes(2, 16384, torch.float64, path)
-        for part in ("16384 tokens", "batch 2", f"{needed / 2**30:.2f} GiB", "0.93 GiB", "16384x16384 torch.float64",
-                     "smaller batch", "'tome'", "max_downsample"):
+        needed = agglomerative.clustering_bytes(2, 16384, 8, torch.float32, torch.float64, path)
+        for part in ("16384 tokens", "batch 2", f"{needed / 2**30:.2f} GiB on cpu", "only 0.93 GiB is available",
+                     "0.09 GiB of which is kept free", "16384x16384 torch.float64", "smaller batch", "'tome'",
+                     "max_downsample"):
             assert part in message, (part, message)
         assert isinstance(error.value, MemoryError) and not allocated
     assert ("upper triangle of" in message) == (path == "cpu")
     # Accelerator: at least the float64 matrix and one more of its size; single and complete
     # linkage store float32. CPU: the condensed float64 upper triangle, about half a matrix.
-    needed = agglomerative.clustering_bytes(2, 16384, torch.float64, "accelerator")
-    assert needed >= 2 * 2 * 16384 * 16384 * 8
-    assert agglomerative.clustering_bytes(2, 16384, torch.float32, "accelerator") * 2 == needed
-    assert 2 * 16384 * 16383 * 4 <= agglomerative.clustering_bytes(2, 16384, torch.float64, "cpu") < needed / 3
+    needed, float32, cpu = (
+        agglomerative.clustering_bytes(2, 16384, 8, torch.float32, dtype, path) - agglomerative.SMALL_ALLOCATIONS_BYTES
+        for dtype, path in [(torch.float64, "accelerator"), (torch.float32, "accelerator"), (torch.float64, "cpu")]
+    )
+    assert needed >= 2 * 2 * 16384 * 16384 * 8 and float32 * 2 == needed
+    assert 2 * 16384 * 16383 * 4 <= cpu < needed / 3
 
 
-def test_memory_check_passes_when_it_fits_or_cannot_be_told(monkeypatch):
+def test_memory_check_keeps_a_margin_of_host_memory_free(monkeypatch):
+    """On the host the check lets through what fits in the available memory less
+    ``HOST_MARGIN`` of it, and refuses what fits only in all of it."""
     metric = torch.randn(1, 50, 4, generator=torch.Generator().manual_seed(12))
     expected = cluster(metric, 20)
-    for available in (None, agglomerative.clustering_bytes(1, 50, torch.float64, "cpu")):  # CPU tensors: "cpu"
+    needed = agglomerative.clustering_bytes(1, 50, 4, torch.float32, torch.float64, "cpu")  # CPU tensors: "cpu"
+    enough = math.ceil(needed / (1 - HOST_MARGIN)) + 1
+    for available in (None, enough):
         monkeypatch.setattr(agglomerative, "available_bytes", lambda device, value=available: value)
         assert torch.equal(cluster(metric, 20), expected)
+    monkeypatch.setattr(agglomerative, "available_bytes", lambda device: needed)
+    with pytest.raises(ClusteringMemoryError, match="of which is kept free"):
+        cluster(metric, 20)
+
+
+def test_cpu_path_from_a_device_checks_the_device_and_the_host(monkeypatch):
+    """The ``"cpu"`` path from another device builds the distances there and clusters their host
+    copy: each memory is checked for its share, the margin kept on the host only."""
+    from sdmerge.core.distances import condensed_bytes, working_bytes
+    from sdmerge.core.host_linkage import linkage_working_bytes
+
+    metric = torch.empty(2, 3000, 16, dtype=torch.float16, device="meta")  # any device but the host
+    each = condensed_bytes(2, 3000) + agglomerative.SMALL_ALLOCATIONS_BYTES
+    on_device = each + working_bytes(2, 3000, 16, torch.float16)
+    on_host = each + linkage_working_bytes(2, 3000)
+    host_enough = math.ceil(on_host / (1 - HOST_MARGIN)) + 1
+    for device_free, host_free, refused in [(on_device, host_enough, None), (on_device - 1, 10**12, "meta"),
+                                            (10**12, on_host, "cpu")]:
+        free = {"meta": device_free, "cpu": host_free}
+        monkeypatch.setattr(agglomerative, "available_bytes", lambda device, free=free: free[device.type])
+        if refused is None:
+            agglomerative.check_memory(metric, torch.float64, "cpu")
+            continue
+        with pytest.raises(ClusteringMemoryError) as error:
+            agglomerative.check_memory(metric, torch.float64, "cpu")
+        message = str(error.value)
+        assert f"on {refused} " in message and ("kept free" in message) == (refused == "cpu"), message
+
+
+def test_cpu_path_peak_memory_is_within_the_check():
+    """The CPU path's measured peak resident memory (a fresh process, 6000 tokens: 137 MiB of
+    distances per sample, the samples of batch 2 clustered at once) is at most
+    ``clustering_bytes``, which is not far above it: fastcluster works in the distances (a copy
+    of them would double the peak)."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc to reset and read a process's peak resident memory")
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.peak_memory", "6000", "64", "single", "1", "2"],
+        cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+        capture_output=True, text=True, check=True,
+    )
+    results = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [result["batch"] for result in results] == [1, 2]
+    for result in results:
+        increase, predicted = result["increase"], result["predicted"]
+        distances = 8 * result["batch"] * 6000 * 5999 // 2
+        assert distances <= increase <= predicted, result
+        assert predicted <= 1.25 * increase, result
+
+
+def test_in_place_linkage_is_fastclusters_linkage():
+    """Calling fastcluster's C++ entry point on the distances themselves gives its public
+    ``linkage``'s merges exactly (random and massively tied distances, every linkage), works in
+    the given array (no copy: average and complete linkage overwrite it) and refuses arrays it
+    would misread."""
+    import fastcluster
+
+    from sdmerge.core.host_linkage import linkage_in_place
+
+    g = torch.Generator().manual_seed(16)
+    tied = torch.eye(5)[torch.randint(0, 5, (1, 60), generator=g)]
+    for metric in (torch.randn(1, 90, 6, generator=g), tied):
+        tokens = metric.shape[1]
+        for method in LINKAGES:
+            condensed = squareform(cosine_distances(metric)[0].numpy(), checks=False)
+            expected = fastcluster.linkage(condensed, method)
+            work = condensed.copy()
+            np.testing.assert_array_equal(linkage_in_place(work, tokens, method), expected)
+            if metric is not tied:  # merging tied clusters rewrites the same distances
+                assert np.array_equal(work, condensed) == (method == "single"), method
+    good = np.zeros(45)
+    for bad in (good.astype(np.float32), np.zeros(90)[::2], np.zeros(44), np.frombuffer(good.tobytes())):
+        with pytest.raises(ValueError, match="writable C-contiguous float64 vector of 10 \\* 9 / 2 = 45"):
+            linkage_in_place(bad, 10, "average")
 
 
 def test_host_memory_is_reported():

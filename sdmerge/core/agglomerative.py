@@ -19,7 +19,8 @@ Paths (``path=``), both exact:
 ``"auto"`` picks ``"cpu"`` for CPU tensors and ``"accelerator"`` for any other device; either
 path runs on any device (``"cpu"`` copies the condensed distances to the host). Before the
 distances are allocated, :func:`cluster` checks that they and the working memory fit in the
-device's free memory.
+free memory of the device and, for ``"cpu"``, of the host, less a margin on the host
+(:func:`check_memory`).
 """
 
 from __future__ import annotations
@@ -29,15 +30,18 @@ import numbers
 import torch
 from torch import Tensor
 
-from .device_memory import available_bytes
-from .distances import DISTANCE_BLOCK, condensed_cosine_distances, cosine_distances
-from .host_linkage import host_linkage_labels
+from .device_memory import available_bytes, margin_bytes
+from .distances import condensed_bytes, condensed_cosine_distances, cosine_distances, working_bytes
+from .host_linkage import host_linkage_labels, linkage_working_bytes
 from .opaque import is_compiling, opaque_agglomerative_labels
 from .plan import MergePlan
 from .rnn_rounds import GROUP_TOKENS, rnn_labels
 
 LINKAGES = ("single", "complete", "average")
 PATHS = ("auto", "cpu", "accelerator")
+# What a clustering call allocates that is too small to count one by one: the interpreter's
+# objects, worker threads' stacks, allocators' partly used pages (together well under this).
+SMALL_ALLOCATIONS_BYTES = 2**20
 
 
 class ClusteringMemoryError(MemoryError):
@@ -59,36 +63,63 @@ def resolve_path(path: str, device: torch.device) -> str:
     return path
 
 
-def clustering_bytes(batch: int, tokens: int, dtype: torch.dtype, path: str = "accelerator") -> int:
-    """Peak bytes of exact clustering on the device (an upper bound).
+def clustering_bytes(
+    batch: int, tokens: int, features: int, metric_dtype: torch.dtype, dtype: torch.dtype, path: str = "accelerator"
+) -> int:
+    """Peak bytes of exact clustering of a ``[B, N, D]`` metric of ``metric_dtype`` whose tensors
+    and clustering share one device's memory, an upper bound: the distances stored as ``dtype``,
+    the larger of what building them (:func:`~sdmerge.core.distances.working_bytes`) and
+    clustering them add, one after the other, and :data:`SMALL_ALLOCATIONS_BYTES`.
 
-    ``"accelerator"``: the ``[B, N, N]`` matrix of ``dtype``, the working rows of a round and
+    ``"accelerator"``: the ``[B, N, N]`` matrix; clustering adds the working rows of a round and
     their temporaries (the rows of both clusters of every pair: at most ``N / 2`` pairs per
-    sample, so at most two more ``B N N`` entries), and the blocks of distances between the pairs
+    sample, so at most two more ``B N N`` entries) and the blocks of distances between the pairs
     of a round (three ``P x P`` blocks, ``P`` at most half of ``max(rnn_rounds.GROUP_TOKENS, N)``).
-    ``"cpu"``: the condensed float64 distances ``B N (N - 1) / 2`` and the float32 block of
-    products they are built from (``B x 512 x N``), counted twice to cover the temporaries of its
-    square part; fastcluster itself needs ``O(N)`` more per sample.
+    ``"cpu"`` (``dtype`` float64), on the host: the condensed distances ``B N (N - 1) / 2``,
+    which fastcluster clusters in place; it adds its working arrays and the cut
+    (:func:`~sdmerge.core.host_linkage.linkage_working_bytes`).
     """
+    build = working_bytes(batch, tokens, features, metric_dtype)
     if path == "cpu":
-        return 8 * batch * tokens * (tokens - 1) // 2 + 4 * 2 * batch * min(tokens, DISTANCE_BLOCK) * tokens
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    pairs = max(GROUP_TOKENS, tokens) // 2
-    return itemsize * (3 * batch * tokens * tokens + 3 * pairs * pairs)
+        distances, clustering = condensed_bytes(batch, tokens), linkage_working_bytes(batch, tokens)
+    else:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        pairs = max(GROUP_TOKENS, tokens) // 2
+        distances = itemsize * batch * tokens * tokens
+        clustering = itemsize * (2 * batch * tokens * tokens + 3 * pairs * pairs)
+    return distances + max(build, clustering) + SMALL_ALLOCATIONS_BYTES
 
 
-def check_memory(batch: int, tokens: int, dtype: torch.dtype, device: torch.device, path: str = "accelerator") -> None:
-    """Raise :class:`ClusteringMemoryError` if :func:`clustering_bytes` exceeds the free memory
-    of ``device`` (devices whose free memory cannot be told are not checked). ``dtype``: the
-    stored distances' dtype (float64 on the ``"cpu"`` path)."""
-    needed = clustering_bytes(batch, tokens, dtype, path)
-    available = available_bytes(device)
-    if available is not None and needed > available:
+def check_memory(metric: Tensor, dtype: torch.dtype, path: str) -> None:
+    """Raise :class:`ClusteringMemoryError` unless exact clustering of ``metric: [B, N, D]``, its
+    distances stored as ``dtype`` (float64 on the ``"cpu"`` path), fits, in every memory it
+    uses, in the available bytes less the margin (:func:`~sdmerge.core.device_memory.margin_bytes`:
+    a share kept free on the host, whose exhaustion kills the process): :func:`clustering_bytes`
+    on ``metric``'s device; on the ``"cpu"`` path from another device, the condensed distances
+    and building them on the device, and their host copy and fastcluster on the host. Devices
+    whose free memory cannot be told are not checked."""
+    (batch, tokens, features), device, host = metric.shape, metric.device, torch.device("cpu")
+    if path == "cpu" and device.type != host.type:
+        each = condensed_bytes(batch, tokens) + SMALL_ALLOCATIONS_BYTES  # the distances, or their host copy
+        needs = {
+            device: each + working_bytes(batch, tokens, features, metric.dtype),
+            host: each + linkage_working_bytes(batch, tokens),
+        }
+    else:
+        needs = {device: clustering_bytes(batch, tokens, features, metric.dtype, dtype, path)}
+    for where, needed in needs.items():
+        available = available_bytes(where)
+        if available is None:
+            continue
+        margin = margin_bytes(where, available)
+        if needed <= available - margin:
+            continue
         layout = "the upper triangle of" if path == "cpu" else "a"
+        kept = f", {margin / 2**30:.2f} GiB of which is kept free" if margin else ""
         raise ClusteringMemoryError(
             f"exact agglomerative clustering of {tokens} tokens, batch {batch}, needs "
-            f"{needed / 2**30:.2f} GiB on {device} ({layout} {tokens}x{tokens} {dtype} distance matrix per "
-            f"sample and working memory), but only {available / 2**30:.2f} GiB is available. "
+            f"{needed / 2**30:.2f} GiB on {where} ({layout} {tokens}x{tokens} {dtype} distance matrix per "
+            f"sample and working memory), but only {available / 2**30:.2f} GiB is available{kept}. "
             "Use fewer tokens (a smaller max_downsample or resolution), a smaller batch, or a "
             "method without an N x N matrix, such as 'tome'."
         )
@@ -128,7 +159,7 @@ def cluster_with_rounds(metric: Tensor, k: int, linkage: str = "average", *, pat
     check_linkage(linkage)
     if metric.dim() != 3:
         raise ValueError(f"metric must be [B, N, D], got shape {tuple(metric.shape)}")
-    B, N, _ = metric.shape
+    N = metric.shape[1]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k={k!r} must be an int number of clusters, got {type(k).__name__}")
     k = int(k)
@@ -136,10 +167,10 @@ def cluster_with_rounds(metric: Tensor, k: int, linkage: str = "average", *, pat
         raise ValueError(f"k={k} clusters requested for {N} tokens; allowed: 1 <= k <= {N}")
     path = resolve_path(path, metric.device)
     if path == "cpu":
-        check_memory(B, N, torch.float64, metric.device, path)
+        check_memory(metric, torch.float64, path)
         return host_linkage_labels(condensed_cosine_distances(metric), N, k, linkage), 0
     dtype = _working_dtype(metric.dtype, linkage)
-    check_memory(B, N, dtype, metric.device, path)
+    check_memory(metric, dtype, path)
     return rnn_labels(cosine_distances(metric, dtype), k, linkage)
 
 

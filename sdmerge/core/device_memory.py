@@ -6,6 +6,8 @@ import os
 
 import torch
 
+HOST_MARGIN = 0.1  # share of the host's available memory a memory check keeps free (margin_bytes)
+
 
 def available_bytes(device: torch.device) -> int | None:
     """Bytes that can be allocated on ``device`` now, or ``None`` where it cannot be told.
@@ -23,6 +25,21 @@ def available_bytes(device: torch.device) -> int | None:
     if device.type == "cpu":
         return _host_available_bytes()
     return None
+
+
+def margin_bytes(device: torch.device, available: int) -> int:
+    """Bytes of ``available`` (:func:`available_bytes` of ``device``) a memory check keeps free.
+
+    The host: :data:`HOST_MARGIN` of it. Going over host memory gets the process killed by the
+    OOM killer, with nothing printed, and ``MemAvailable`` is an estimate: it counts page cache
+    that is in use as reclaimable (a pipeline's memory-mapped weights), the kernel reclaims
+    only so fast and needs page tables for a new allocation (0.2 % of it), the matrix library
+    keeps workspace that the bounds do not count (tens of MB), and other processes and threads
+    keep allocating. A share rather than a fixed amount: these grow with the machine. Other
+    devices: nothing; their free memory is exact, and going over it raises an error that can be
+    caught.
+    """
+    return int(HOST_MARGIN * available) if device.type == "cpu" else 0
 
 
 def _host_available_bytes() -> int | None:
