@@ -72,7 +72,12 @@ FAMILIES = (
         "docs/stable_diffusion.md",
         "max_downsample, sx, sy, use_rand, seed, plan_every, share_plans",
     ),
-    ("vit", "ViT/DeiT classifiers (transformers, timm)", "docs/vit.md", "stages, tokens_per_block, schedule, prop_attn, cis_score"),
+    (
+        "vit",
+        "ViT/DeiT classifiers (transformers, timm)",
+        "docs/vit.md",
+        "stages, tokens_per_block, schedule, prop_attn, cis_score, evit_fusion",
+    ),
 )
 """``(tag in Method.models, family, where its methods and options are documented, options)``."""
 

@@ -14,8 +14,12 @@ cis            bipartite soft matching     importance          sd, vit
 crucial        crucial tokens (MSTM)       importance          sd, vit
 grid           sy x sx windows (ToDo)      sizes               sd
 topk           top-k pruning               (kept unchanged)    vit
-evit           top-k + one fused token     importance          vit
+evit           top-k + one fused token     attention (sum)     vit
 =============  ==========================  ==================  ===========
+
+Sizes: merging methods give every merged token the number of tokens it stands for (the sizes
+of proportional attention and size-weighted pooling). The pruning methods (``topk``, ``evit``)
+merge nothing of equal weight: their tokens keep size 1, EViT's fused token included.
 """
 
 from __future__ import annotations
@@ -49,6 +53,17 @@ class Method:
         return self.importance_weighted or self.grouping in ("crucial", "topk", "evit")
 
     @property
+    def prunes(self) -> bool:
+        """Whether the method is a pruning baseline (``topk``, ``evit``): its tokens keep size 1,
+        so proportional attention and size-weighted pooling have nothing to act on."""
+        return self.grouping in ("topk", "evit")
+
+    @property
+    def fused_tokens(self) -> int:
+        """Tokens a reduction adds besides the tokens it keeps: EViT's fused token (1), else 0."""
+        return int(self.grouping == "evit")
+
+    @property
     def needs_split(self) -> bool:
         """Whether the method needs a source/destination split (bipartite matching)."""
         return self.grouping == "bipartite"
@@ -71,7 +86,10 @@ class Method:
         grid: tuple[int, int] | None = None,
         window: tuple[int, int] | None = None,
     ) -> MergePlan:
-        """Group ``metric: [B, N, D]`` so that ``remove`` tokens disappear.
+        """Group ``metric: [B, N, D]`` so that ``remove`` tokens leave the kept set.
+
+        The plan has ``N - remove`` groups, plus :attr:`fused_tokens` (EViT fuses the ``remove``
+        pruned tokens into one extra token: ``N - remove + 1`` groups).
 
         ``split``: ``(src, dst)`` token indices for bipartite methods; ``importance``: ``[B, N]``
         for the methods that need it. ``protected`` prefix tokens are never merged (bipartite

@@ -10,6 +10,7 @@ import sdmerge
 from sdmerge.core import (
     crucial_token_merging,
     evit_fusion,
+    evit_merge,
     head_mean_importance_score,
     importance_score,
     proportional_attention_bias,
@@ -52,16 +53,22 @@ def test_top_k_keeps_the_most_important_and_drops_the_rest():
     assert plan.merged_sizes.tolist() == [[1.0, 1.0, 1.0]]
 
 
-def test_evit_fuses_the_inattentive_tokens_weighted_by_attention():
-    importance = torch.tensor([[9.0, 0.1, 0.5, 0.3, 0.9, 0.2]])
-    plan = evit_fusion(importance, remove=3, protected=1)
-    assert plan.num_groups == 3  # class token, one kept token, one fused token
-    x = torch.arange(6.0).view(1, 6, 1)
-    merged = plan.merge(x, importance).flatten()
-    fused = (0.1 * 1 + 0.5 * 2 + 0.3 * 3 + 0.2 * 5) / (0.1 + 0.5 + 0.3 + 0.2)
-    assert merged[0] == 0.0
-    assert sorted(merged[1:].tolist()) == pytest.approx(sorted([4.0, fused]))
-    assert sorted(plan.merged_sizes[0].tolist()) == [1.0, 1.0, 4.0]
+def test_evit_keeps_the_top_tokens_and_appends_their_attention_weighted_sum():
+    # a class-token attention row (softmax over all 6 tokens, the class token's own share included)
+    attention = torch.tensor([[0.40, 0.05, 0.20, 0.10, 0.15, 0.10]])
+    x = torch.tensor([[float(i), float(i * i)] for i in range(6)])[None]  # [1, 6, 2], token i = (i, i^2)
+    plan = evit_fusion(attention, prune=3, protected=1)
+    # kept: the class token, then tokens 2 (0.20) and 4 (0.15) in their order; 1, 3, 5 fused into the last token
+    assert plan.num_groups == 4 and plan.labels.tolist() == [[0, 3, 1, 3, 2, 3]]
+    assert plan.merged_sizes.tolist() == [[1.0, 1.0, 1.0, 3.0]]  # the patches each token holds (provenance)
+    fused = 0.05 * x[0, 1] + 0.10 * x[0, 3] + 0.10 * x[0, 5]  # the weights sum to 0.25, not 1: EViT's code
+    torch.testing.assert_close(evit_merge(plan, x, attention), torch.stack([x[0, 0], x[0, 2], x[0, 4], fused])[None])
+    paper = evit_merge(plan, x, attention, average=True)  # the paper's weighted average
+    torch.testing.assert_close(paper, torch.stack([x[0, 0], x[0, 2], x[0, 4], fused / 0.25])[None])
+    with pytest.raises(ValueError, match="EViT fuses at least 1 token, asked to prune 0"):
+        evit_fusion(attention, prune=0, protected=1)
+    with pytest.raises(ValueError, match="EViT can remove at most 4 of 6 tokens"):  # one token is kept besides the fused one
+        evit_fusion(attention, prune=5, protected=1)
 
 
 def test_removal_limits_raise():

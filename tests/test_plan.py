@@ -54,6 +54,15 @@ def test_weighted_averages_match_a_direct_computation():
     torch.testing.assert_close(plan.merge(x).double(), direct_weighted_mean(x, plan.labels, plan.sizes, 8))
     plain = MergePlan(plan.labels, 8)
     torch.testing.assert_close(plain.merge(x).double(), direct_weighted_mean(x, plan.labels, torch.ones(2, 30), 8))
+    # normalise=False: the weighted sum of each group, sum_i w_i x_i (dropped tokens left out)
+    summed = torch.stack([torch.stack([(weights[b, plan.labels[b] == g, None] * x[b, plan.labels[b] == g]).sum(0)
+                                       for g in range(8)]) for b in range(2)])
+    torch.testing.assert_close(plan.merge(x, weights, normalise=False), summed)
+    dropping = MergePlan(torch.tensor([[0, 2, 1, 0]]), 2, drops=True)
+    sums = dropping.merge(torch.tensor([[[1.0], [5.0], [3.0], [4.0]]]), torch.tensor([[0.5, 9.0, 0.25, 2.0]]), normalise=False)
+    assert sums.tolist() == [[[0.5 * 1 + 2.0 * 4], [0.25 * 3]]]
+    with pytest.raises(ValueError, match="normalise=False sums the tokens with their weights; pass weights"):
+        plan.merge(x, normalise=False)
 
 
 def test_zero_and_underflowing_weights_fall_back_safely():

@@ -81,10 +81,11 @@ def test_keep_rate_one_and_remove_are_bit_identical(variant, fused):
 def test_token_counts_and_protected_prefix(method):
     model, x = tiny(reg_tokens=2), images()  # class token and 2 register tokens
     assert model.num_prefix_tokens == 3
+    fused = 1 if method == "evit" else 0  # EViT's fused token comes in addition to the kept tokens
     sdmerge.apply(model, method, tokens_per_block=3)
-    assert token_counts(model, x) == [16, 13, 10, 7]
-    sdmerge.apply(model, method, r=0.7)  # default stages 1, 2, 3 of 4 blocks: 16 -> 12 -> 9 -> 7 free tokens
-    assert token_counts(model, x) == [19, 15, 12, 10]
+    assert token_counts(model, x) == [16 + fused, 13 + 2 * fused, 10 + 3 * fused, 7 + 4 * fused]
+    sdmerge.apply(model, method, r=0.7)  # default stages 1, 2, 3 of 4 blocks: floor(16 * 0.7^s) = 11, 7, 5 free tokens
+    assert token_counts(model, x) == [19, 14 + fused, 10 + fused, 8 + fused]
     labels = reduction_state(model).provenance.labels
     assert torch.equal(labels[:, :3], torch.tensor([[0, 1, 2]] * 3)) and (labels[:, 3:] >= 3).all()
 
@@ -144,6 +145,21 @@ def test_mean_pooling_is_size_weighted(global_pool, method):
 
     unweighted = global_pool_nlc(tokens, pool_type=global_pool, num_prefix_tokens=1)  # what timm alone computes
     assert (model.pool(tokens) - unweighted).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method", ["topk", "evit"])
+def test_mean_pooling_after_pruning_counts_every_token_once(method):
+    from timm.models.vision_transformer import global_pool_nlc
+
+    model, x = tiny(global_pool="avg"), images()
+    sdmerge.apply(model, method, tokens_per_block=3)
+    seen = {}
+    model.norm.register_forward_hook(lambda m, a, out: seen.update(tokens=out))
+    model(x)
+    if method == "evit":  # its fused tokens hold several patches, and count once like any token
+        assert reduction_state(model).provenance.merged_sizes.max() > 1
+    tokens = seen["tokens"]
+    assert torch.equal(model.pool(tokens), global_pool_nlc(tokens, pool_type="avg", num_prefix_tokens=1))
 
 
 def test_unsupported_timm_models_and_options():

@@ -153,33 +153,37 @@ def test_patched_model_deepcopies_into_an_independent_patch():
 @pytest.mark.parametrize("method", METHODS)
 def test_token_counts_follow_the_stage_schedule(method):
     model, x = tiny(ViTForImageClassification), images()
-    # default stages of a 4-block model: blocks 1, 2, 3. Free tokens 16 -> 16-4=12 -> 12-3=9 -> 9-2=7
+    fused = 1 if method == "evit" else 0  # EViT's fused token comes in addition to the K_s kept tokens
+    # default stages of a 4-block model: blocks 1, 2, 3. K_s = floor(16 * 0.7^s) = 11, 7, 5 free tokens
     sdmerge.apply(model, method, r=0.7)
-    assert token_counts(model, x) == [17, 13, 10, 8]
-    # explicit stages (0-based): r=0.75 at blocks 0 and 2: 16 -> 12 -> 9
+    assert token_counts(model, x) == [17, 12 + fused, 8 + fused, 6 + fused]
+    # explicit stages (0-based): r=0.75 at blocks 0 and 2: floor(16 * 0.75) = 12, floor(16 * 0.5625) = 9
     sdmerge.apply(model, method, r=0.75, stages=(0, 2))
-    assert token_counts(model, x) == [13, 13, 10, 10]
+    assert token_counts(model, x) == [13 + fused, 13 + fused, 10 + fused, 10 + fused]
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_token_counts_follow_the_per_block_schedules(method):
     model, x = tiny(DeiTForImageClassificationWithTeacher), images()  # 16 patches + 2 prefix tokens
+    fused = 1 if method == "evit" else 0  # EViT: t tokens are fused, the fused token comes in addition
     sdmerge.apply(model, method, tokens_per_block=3)
-    assert token_counts(model, x) == [15, 12, 9, 6]
+    assert token_counts(model, x) == [15 + fused, 12 + 2 * fused, 9 + 3 * fused, 6 + 4 * fused]
     # ToMe's linear schedule, t=2, L=4: floor(4 - 4l/3) = 4, 2, 1, 0
     sdmerge.apply(model, method, tokens_per_block=2, schedule="linear")
-    assert token_counts(model, x) == [14, 12, 11, 11]
+    assert token_counts(model, x) == [14 + fused, 12 + 2 * fused, 11 + 3 * fused, 11 + 3 * fused]
 
 
 def test_schedule_follows_the_token_count_of_each_call():
     model = tiny(ViTForImageClassification)
     sdmerge.apply(model, "tome", r=0.5)
-    # 48x48 images with interpolated position embeddings: 36 patches -> 18 -> 9 -> 5 free tokens
+    # 48x48 images with interpolated position embeddings: P = 36 patches -> 18 -> 9 -> floor(4.5) = 4, which
+    # asks 5 of the split's 4 sources: ToMe's one-token rounding clamp keeps 5 (see the DeiT-S test below)
     assert token_counts(model, images(size=48), interpolate_pos_encoding=True) == [37, 19, 10, 6]
-    assert token_counts(model, images()) == [17, 9, 5, 3]
+    assert token_counts(model, images()) == [17, 9, 5, 3]  # P = 16: 8, 4, 2
 
 
 def test_default_stages_and_linear_schedule_at_paper_sizes():
+    from sdmerge.methods import get_method
     from sdmerge.vit.schedule import default_stages, make_schedule
 
     assert default_stages(12) == (3, 6, 9)  # the 4th, 7th and 10th block
@@ -192,8 +196,67 @@ def test_default_stages_and_linear_schedule_at_paper_sizes():
     # DeiT-S (196 patches + class token) at ToMe's 13 tokens per block keeps 197 - 156 = 41 tokens
     constant = make_schedule(12, tokens_per_block=13)
     assert constant.removals(197, 1) == (13,) * 12
-    # stage keep rate 0.7 on 196 free tokens: 196 -> 138 -> 97 -> 68
-    assert make_schedule(12, 0.7).removals(197, 1) == (0, 0, 0, 58, 0, 0, 41, 0, 0, 29, 0, 0)
+    # stage keep rate 0.7 on 196 free tokens: 196 -> 137 -> 96 -> 67 (floor(196 * 0.7^s))
+    assert make_schedule(12, 0.7).removals(197, 1) == (0, 0, 0, 59, 0, 0, 41, 0, 0, 29, 0, 0)
+    # EViT's fused token comes in addition: 196 -> 137 + 1 -> 96 + 1 -> 67 + 1
+    evit = get_method("evit", "vit")
+    assert make_schedule(12, 0.7).removals(197, 1, evit) == (0, 0, 0, 59, 0, 0, 42, 0, 0, 30, 0, 0)
+
+
+# "Which tokens to use?" section 3.1.2 and the reference codes: K_s = floor(P r^s), DeiT-S at 224 px (P = 196)
+DEIT_S_STAGE_COUNTS = {0.25: (49, 12, 3), 0.5: (98, 49, 24), 0.7: (137, 96, 67), 0.9: (176, 158, 142)}
+
+
+def test_stage_counts_are_floor_of_p_times_r_to_the_s():
+    from fractions import Fraction
+
+    from sdmerge.vit.schedule import make_schedule, stage_keep_counts
+
+    for r, counts in DEIT_S_STAGE_COUNTS.items():
+        assert stage_keep_counts(196, r, 3) == counts
+        removals = make_schedule(12, r).removals(197, 1)  # blocks 3, 6, 9 remove down to K_1, K_2, K_3
+        assert [196 - sum(removals[: b + 1]) for b in (3, 6, 9)] == list(counts)
+    # products that are whole numbers in real arithmetic, which float pow may put just below them
+    assert stage_keep_counts(100, 0.9, 2) == (90, 81)
+    assert stage_keep_counts(1000, 0.9, 3) == (900, 810, 729)
+    assert stage_keep_counts(1000, 0.3, 3) == (300, 90, 27)  # 1000 * 0.3**3 = 26.999999999999996 in float
+    assert stage_keep_counts(196, 1.0, 3) == (196, 196, 196)
+    # exact rational arithmetic agrees for every patch count up to 1024 and two-decimal keep rates
+    for r in ("0.25", "0.3", "0.5", "0.55", "0.7", "0.75", "0.8", "0.9", "0.95", "0.99"):
+        for patches in range(1, 1025):
+            exact = tuple(int(patches * Fraction(r) ** s) for s in (1, 2, 3))
+            assert stage_keep_counts(patches, float(r), 3) == exact, (patches, r)
+
+
+def test_tome_stages_at_half_keep_rate_clamp_the_one_token_the_split_lacks():
+    """floor(P r^s) at r >= 0.5 asks ToMe's split for at most one token more than its sources; that
+    stage keeps one more token, as ToMe's code and the reference code do. Below 0.5: ValueError."""
+    from sdmerge.methods import get_method
+    from sdmerge.vit.schedule import make_schedule, removal_limit, stage_keep_counts
+
+    tome, topk = get_method("tome", "vit"), get_method("topk", "vit")
+    # DeiT-S, class token only: 196 -> 98 -> 49 -> floor(24.5) = 24 asks 25 of 24 sources; the stage keeps 25
+    assert make_schedule(12, 0.5).removals(197, 1, tome) == (0, 0, 0, 98, 0, 0, 49, 0, 0, 24, 0, 0)
+    assert make_schedule(12, 0.5).removals(197, 1, topk) == (0, 0, 0, 98, 0, 0, 49, 0, 0, 25, 0, 0)
+    assert make_schedule(12, 0.5).removals(198, 2, tome)[9] == 25  # with a distillation token the split has 25
+    for protected in (1, 2, 3):  # at r >= 0.5 the clamp is never more than one token
+        for patches in range(8, 400, 7):
+            for r in (0.5, 0.55, 0.6, 0.75, 0.9):
+                removals = make_schedule(12, r).removals(patches + protected, protected, tome)
+                tokens = patches
+                for remove, kept in zip((removals[3], removals[6], removals[9]), stage_keep_counts(patches, r, 3)):
+                    assert remove <= removal_limit(tome, tokens + protected, protected)
+                    tokens -= remove
+                    assert kept <= tokens <= kept + 1
+    with pytest.raises(ValueError, match="remove 36 of 65 tokens in block 1.*at most 32"):  # r < 0.5: no clamp
+        sdmerge.apply(tiny(ViTForImageClassification, image_size=64), "tome", r=0.45)
+
+
+def test_stage_counts_that_reach_zero_tokens_are_refused():
+    model = tiny(ViTForImageClassification)  # 16 patches: floor(16 * 0.2^s) = 3, 0, 0
+    with pytest.raises(ValueError, match=r"keep rate 0.2 at blocks \[1, 2, 3\].*floor\(P r\^s\).*remove 3 of 4 tokens in "
+                                         r"block 2.*at most 2"):
+        sdmerge.apply(model, "topk", r=0.2)  # block 2 would keep none of the 3 free tokens
 
 
 # --- CIS, proportional attention ---------------------------------------------------------------
@@ -305,10 +368,16 @@ def test_deit_class_and_distillation_tokens_are_protected(method):
     assert torch.equal(labels[:, :2], torch.tensor([[0, 1]] * 3))
     assert ((labels[:, 2:] != 0) & (labels[:, 2:] != 1)).all()
     assert torch.equal(state.sizes[:, :2], torch.ones(3, 2))
-    assert torch.equal(state.provenance.merged_sizes, state.sizes)
+    if method in ("topk", "evit"):  # pruning: every token keeps size 1, EViT's fused tokens included
+        assert torch.equal(state.sizes, torch.ones(3, state.sizes.shape[1]))
+    else:
+        assert torch.equal(state.provenance.merged_sizes, state.sizes)
+    if method == "evit":  # the provenance holds every patch: the fused tokens hold the patches fused into them
+        assert torch.equal(state.provenance.merged_sizes.sum(dim=1), torch.full((3,), 18.0))
+        assert state.provenance.merged_sizes.max() > 1
     # the teacher model still averages the heads of the class and distillation tokens
     hidden = model.base_model(x).last_hidden_state
-    assert hidden.shape[1] == 18 - 12
+    assert hidden.shape[1] == 18 - 12 + (4 if method == "evit" else 0)  # EViT: one fused token after each block
     torch.testing.assert_close(out.cls_logits, model.cls_classifier(hidden[:, 0]))
     torch.testing.assert_close(out.distillation_logits, model.distillation_classifier(hidden[:, 1]))
     torch.testing.assert_close(out.logits, (out.cls_logits + out.distillation_logits) / 2)
@@ -387,7 +456,7 @@ def test_default_stages_need_four_blocks():
     with pytest.raises(ValueError, match="at least 4 blocks.*0..2"):
         sdmerge.apply(model, "tome", r=0.7)
     sdmerge.apply(model, "tome", r=0.7, stages=(1,))
-    assert token_counts(model, images()) == [17, 13, 13]
+    assert token_counts(model, images()) == [17, 12, 12]  # floor(16 * 0.7) = 11 free tokens
 
 
 def test_prop_attn_is_refused_where_the_attention_cannot_take_a_bias():
@@ -396,6 +465,7 @@ def test_prop_attn_is_refused_where_the_attention_cannot_take_a_bias():
     with pytest.raises(ValueError, match="'flash_attention_2' cannot take;.*prop_attn=False"):
         sdmerge.apply(model, "tome", r=0.7)
     sdmerge.apply(model, "tome", r=0.7, prop_attn=False)  # fine without the bias
+    sdmerge.apply(model, "evit", r=0.7)  # pruning: every token has size 1, there is no bias to add
 
 
 def test_attention_mask_is_refused_on_a_patched_model():
@@ -432,7 +502,7 @@ def test_removal_limit_is_exactly_what_the_core_accepts():
                     metric, remove, protected=protected, importance=importance, split=alternating_split(num_tokens, protected)
                 )
 
-            assert plan(limit).num_groups == num_tokens - limit
+            assert plan(limit).num_groups == num_tokens - limit + method.fused_tokens
             with pytest.raises(ValueError):
                 plan(limit + 1)
 
@@ -441,19 +511,18 @@ def test_removal_limit_is_exactly_what_the_core_accepts():
 def test_selection_methods_rank_tokens_by_class_attention(method):
     model, x = tiny(ViTForImageClassification, attn="eager"), images()
     class_attention = model(x, output_attentions=True).attentions[0][:, :, 0, 1:].mean(dim=1)  # [B, 16], unpatched
-    sdmerge.apply(model, method, r=0.75, stages=(0,))  # block 0 removes 4 of 16 free tokens
+    sdmerge.apply(model, method, r=0.75, stages=(0,))  # block 0 keeps floor(16 * 0.75) = 12 free tokens
     model(x)
     labels = reduction_state(model).provenance.labels[:, 1:]  # [B, 16] free token -> group (13 = dropped)
-    kept = 12 if method != "evit" else 11  # EViT's fused token counts toward the 12
     for b in range(x.shape[0]):
-        top = set(class_attention[b].argsort(descending=True)[:kept].tolist())
+        top = set(class_attention[b].argsort(descending=True)[:12].tolist())  # EViT's fused token comes in addition
         groups = {i: labels[b, i].item() for i in range(16)}
         if method == "topk":
             assert {i for i, g in groups.items() if g != 13} == top
         elif method == "evit":
             assert all(len([j for j in groups if groups[j] == groups[i]]) == 1 for i in top)
             rest = {groups[i] for i in set(range(16)) - top}
-            assert len(rest) == 1  # the 5 least attended tokens are fused into one
+            assert rest == {13}  # the 4 least attended tokens are fused into one token, the last
         else:  # crucial: every group holds exactly one of the most attended tokens
             assert sorted(groups[i] for i in top) == sorted(set(groups.values()))
 

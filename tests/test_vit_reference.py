@@ -1,21 +1,39 @@
-"""ToMe's reference token order and ToMeCIS's score, against a direct reimplementation of the rule.
+"""The reference codes' rules, against direct reimplementations written here from their descriptions.
 
-The rule (ToMe's ViT implementation, and the ToMeCIS code built on it), written here from its
-description: in every reducing block split the current tokens into A (even positions) and B
-(odd positions), the protected class / distillation tokens in neither; each A token picks its
-most similar B token (cosine similarity of the keys averaged over heads); the ``r`` best A
-tokens merge into their B token (weighted average: sizes for ``tome``, the class importance
-score for ``cis``; sizes add up); the output order is the protected tokens, the unmerged A
-tokens, then all B tokens, each in ascending current position. The next block splits that order.
+**Counts.** Stage protocol ("Which tokens to use?" 3.1.2, its code, EViT's and ATC's code): after
+the ``s``-th stage ``K_s = floor(P r^s)`` free tokens are kept, ``P`` the free tokens entering the
+first stage (computed here in exact rational arithmetic). Per-block protocol (ToMe): ``t`` tokens
+leave the kept set in every block (``floor(2t - 2tl/(L-1))`` for the linear schedule).
+
+**ToMe's token order** (ToMe's ViT implementation, and the ToMeCIS code built on it): in every
+reducing block split the current tokens into A (even positions) and B (odd positions), the
+protected class / distillation tokens in neither; each A token picks its most similar B token
+(cosine similarity of the keys averaged over heads); the ``r`` best A tokens merge into their B
+token (weighted average: sizes for ``tome``, the class importance score for ``cis``; sizes add
+up); the output order is the protected tokens, the unmerged A tokens, then all B tokens, each in
+ascending current position. The next block splits that order.
+
+**ATC**: average-linkage clustering (scipy) of the free tokens' head-averaged keys by cosine
+distance into ``K`` clusters, size-weighted means, sizes add up.
+
+**Top-K / EViT**: ``a`` = the class token's attention row averaged over heads (softmax over all
+tokens); the ``K`` free tokens with the largest ``a`` are kept, the others dropped (Top-K) or
+fused into one extra token ``sum_i a_i x_i`` (EViT; the paper's reading divides by ``sum_i a_i``),
+which is an ordinary token afterwards: size 1, no proportional-attention bias, kept or fused by
+its attention in later stages like any other token.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 import pytest
 import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist
 from tests.torchvision_stand_in import import_timm
 from tests.vit_layout import hf_layers, hf_parts
 from torch import Tensor
@@ -25,7 +43,6 @@ import sdmerge
 from sdmerge.core import bipartite_soft_matching
 from sdmerge.methods import get_method
 from sdmerge.vit import reduction_state
-from sdmerge.vit.schedule import make_schedule
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 timm = import_timm()
@@ -130,24 +147,72 @@ def reference_merge(x, sizes, weights, metric, members, remove: int, protected: 
     return torch.stack(rows_x), torch.stack(rows_sizes), rows_members
 
 
-def reference_forward(blocks, x, removals, protected, method, cis_score="code", reference_order=True):
+def reference_cluster(x, sizes, metric, members, keep: int, protected: int):
+    """ATC with average linkage: ``keep`` clusters of the free tokens, ordered by their first token."""
+    rows_x, rows_sizes, rows_members = [], [], []
+    for b in range(x.shape[0]):
+        free = metric[b, protected:].double().numpy()
+        labels = fcluster(linkage(pdist(free, "cosine"), "average"), keep, "maxclust")
+        clusters = sorted(([protected + i for i in range(len(labels)) if labels[i] == c] for c in set(labels)), key=min)
+        groups = [[i] for i in range(protected)] + clusters
+        w = sizes[b]
+        rows_x.append(torch.stack([(w[g, None] * x[b, g]).sum(0) / w[g].sum() for g in groups]))
+        rows_sizes.append(torch.stack([w[g].sum() for g in groups]))
+        rows_members.append([set().union(*(members[b][i] for i in g)) for g in groups])
+    return torch.stack(rows_x), torch.stack(rows_sizes), rows_members
+
+
+def reference_prune(x, attention_row, members, keep: int, protected: int, fuse: bool, average: bool):
+    """Top-K (``fuse=False``) or EViT: keep the ``keep`` free tokens with the largest ``attention_row``
+    ``[B, N]`` (in their order), EViT appending ``sum_i a_i x_i`` of the others (``/ sum_i a_i``
+    with ``average``). Every token has size 1."""
+    rows_x, rows_members = [], []
+    for b in range(x.shape[0]):
+        a = attention_row[b]
+        ranked = sorted(range(protected, x.shape[1]), key=lambda i: -a[i].item())
+        kept, pruned = sorted(ranked[:keep]), ranked[keep:]
+        order = list(range(protected)) + kept
+        tokens, groups = [x[b, i] for i in order], [members[b][i] for i in order]
+        if fuse:
+            fused = (a[pruned, None] * x[b, pruned]).sum(0)
+            tokens.append(fused / a[pruned].sum() if average else fused)
+            groups.append(set().union(*(members[b][i] for i in pruned)))
+        rows_x.append(torch.stack(tokens))
+        rows_members.append(groups)
+    x = torch.stack(rows_x)
+    return x, torch.ones(x.shape[:2]), rows_members
+
+
+def reference_forward(blocks, x, kept_after, protected, method, cis_score="code", evit_fusion="code", reference_order=True):
     """The reduced forward pass of ``blocks`` on embedded tokens ``x: [B, N, C]`` (proportional
-    attention, merging after the attention residual). Returns tokens, sizes and members."""
+    attention, reduction after the attention residual). ``kept_after(block, free)``: the free tokens
+    kept in ``block`` (``None``: it does not reduce). Returns tokens, sizes and members."""
     B, N, _ = x.shape
     sizes = torch.ones(B, N)
     members = [[{i} for i in range(N)] for _ in range(B)]
-    for block, remove in zip(blocks, removals):
+    for index, block in enumerate(blocks):
         q, k, v = block.qkv(block.norm1(x))
         attention = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + sizes.log()[:, None, None, :]).softmax(dim=-1)
         x = x + block.proj((attention @ v).transpose(1, 2).reshape(B, x.shape[1], -1))
-        if remove:
-            if method == "tome":
-                weights = sizes
-            elif cis_score == "code":  # mean_h(A_cls) * ||mean_h(V)||
-                weights = attention[:, :, 0].mean(dim=1) * v.mean(dim=1).norm(dim=-1)
-            else:  # mean_h(A_cls * ||V||)
-                weights = (attention[:, :, 0] * v.norm(dim=-1)).mean(dim=1)
-            x, sizes, members = reference_merge(x, sizes, weights, k.mean(dim=1), members, remove, protected, reference_order)
+        keep = kept_after(index, x.shape[1] - protected)
+        if keep is not None:
+            remove = x.shape[1] - protected - keep
+            if method in ("topk", "evit"):
+                x, sizes, members = reference_prune(
+                    x, attention[:, :, 0].mean(dim=1), members, keep, protected, method == "evit", evit_fusion == "paper"
+                )
+            elif method == "atc_average":
+                x, sizes, members = reference_cluster(x, sizes, k.mean(dim=1), members, keep, protected)
+            else:
+                if method == "tome":
+                    weights = sizes
+                elif cis_score == "code":  # mean_h(A_cls) * ||mean_h(V)||
+                    weights = attention[:, :, 0].mean(dim=1) * v.mean(dim=1).norm(dim=-1)
+                else:  # mean_h(A_cls * ||V||)
+                    weights = (attention[:, :, 0] * v.norm(dim=-1)).mean(dim=1)
+                x, sizes, members = reference_merge(
+                    x, sizes, weights, k.mean(dim=1), members, remove, protected, reference_order
+                )
         x = x + block.mlp(block.norm2(x))
     return x, sizes, members
 
@@ -225,6 +290,25 @@ SCHEDULES = {
 }
 
 
+def stage_counts(patches: int, r: float, stages) -> dict[int, int]:
+    """``{block: K_s}``, ``K_s = floor(P r^s)`` in exact arithmetic (``r`` as its decimal)."""
+    return {block: math.floor(patches * Fraction(str(r)) ** s) for s, block in enumerate(stages, start=1)}
+
+
+def kept_after_rule(options, patches: int) -> Callable:
+    """``kept_after(block, free)`` of a schedule's options, from the protocols' formulas."""
+    if "r" in options:
+        return lambda block, free, counts=stage_counts(patches, options["r"], options["stages"]): counts.get(block)
+    t, L = options["tokens_per_block"], DEPTH
+    linear = options.get("schedule") == "linear"
+
+    def kept_after(block, free):
+        leaving = math.floor(2 * t - Fraction(2 * t * block, L - 1)) if linear else t  # floor(2t - 2tl/(L-1))
+        return free - leaving if leaving else None
+
+    return kept_after
+
+
 def build(name):
     if name.startswith("timm") and timm is None:
         pytest.skip("timm is not installed (pip install --no-deps timm)")
@@ -239,31 +323,42 @@ def images(batch=2):
 def reference_run(name, method, options, **rule):
     model, embed, blocks, protected, head = build(name)
     x = images()
-    removals = make_schedule(DEPTH, options.get("r"), stages=options.get("stages"),
-                             tokens_per_block=options.get("tokens_per_block"),
-                             schedule=options.get("schedule")).removals(64 + protected, protected)
-    assert sum(1 for r in removals if r) >= 3  # several reducing blocks: the order matters
+    kept_after = kept_after_rule(options, 64)
     with torch.no_grad():
-        tokens, sizes, members = reference_forward(blocks, embed(x), removals, protected, method, **rule)
+        tokens, sizes, members = reference_forward(blocks, embed(x), kept_after, protected, method, **rule)
         expected = head(tokens, sizes)
     return model, x, expected, sizes, members
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("method", ["tome", "cis"])
-def test_logits_equal_the_reference_rule(method, name, schedule):
-    options = SCHEDULES[schedule]
-    model, x, expected, sizes, members = reference_run(name, method, options)
+def patched_logits(model, x, method, **options):
     sdmerge.apply(model, method, **options)
     with torch.no_grad():
         logits = model(x)
-    logits = getattr(logits, "logits", logits)
-    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    return getattr(logits, "logits", logits)
+
+
+def test_the_reference_schedules_reduce_in_several_blocks():
+    """The order, the stage counts and EViT's fused token all matter only once several blocks reduce."""
+    reducing = {name: [kept_after_rule(options, 64)(block, 64) for block in range(DEPTH)]
+                for name, options in SCHEDULES.items()}
+    assert reducing["stages"] == [None, None, 38, None, None, 23, None, None, 13, None, None, None]  # 64 * 0.6^s
+    assert reducing["constant"] == [60] * DEPTH
+    # floor(6 - 6l/11) = 6, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0 tokens leave
+    assert reducing["linear"] == [58, 59, 60, 60, 61, 61, 62, 62, 63, 63, None, None]
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("method", ["tome", "cis", "atc_average", "topk", "evit"])
+def test_logits_equal_the_reference_rule(method, name, schedule):
+    options = SCHEDULES[schedule]
+    model, x, expected, sizes, members = reference_run(name, method, options)
+    torch.testing.assert_close(patched_logits(model, x, method, **options), expected, rtol=1e-5, atol=1e-5)
     state = reduction_state(model)
     torch.testing.assert_close(state.sizes, sizes)
     num_tokens = state.provenance.num_tokens
-    labels = [[next(j for j, group in enumerate(row) if i in group) for i in range(num_tokens)] for row in members]
+    labels = [[next((j for j, group in enumerate(row) if i in group), len(row)) for i in range(num_tokens)]
+              for row in members]  # Top-K's pruned tokens: label len(row)
     assert state.provenance.labels.tolist() == labels  # provenance (and so the order) follows the tokens
 
 
@@ -271,11 +366,7 @@ def test_logits_equal_the_reference_rule(method, name, schedule):
 def test_cis_score_formulas_and_the_order_change_the_logits(name):
     options = SCHEDULES["constant"]
     model, x, paper, _, _ = reference_run(name, "cis", options, cis_score="paper")
-    sdmerge.apply(model, "cis", cis_score="paper", **options)
-    with torch.no_grad():
-        logits = model(x)
-        logits = getattr(logits, "logits", logits)
-    torch.testing.assert_close(logits, paper, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(patched_logits(model, x, "cis", cis_score="paper", **options), paper, rtol=1e-5, atol=1e-5)
     # the checks can fail: the code's formula, and another token order, give logits 10x the tolerance away
     _, _, code, _, _ = reference_run(name, "cis", options, cis_score="code")
     _, _, position_order, _, _ = reference_run(name, "cis", options, reference_order=False)
@@ -283,10 +374,42 @@ def test_cis_score_formulas_and_the_order_change_the_logits(name):
     assert (code - position_order).abs().max() > 1e-4
 
 
-def test_cis_score_is_validated():
+def test_formula_options_are_validated():
     model = hf_vit()[0]
     with pytest.raises(ValueError, match="cis_score='mean' is not a CIS formula; allowed: code, paper"):
         sdmerge.apply(model, "cis", cis_score="mean")
     with pytest.raises(ValueError, match="cis_score='paper' applies to method 'cis' only, not 'tome'"):
         sdmerge.apply(model, "tome", cis_score="paper")
+    with pytest.raises(ValueError, match="evit_fusion='mean' is not an EViT fusion rule; allowed: code, paper"):
+        sdmerge.apply(model, "evit", evit_fusion="mean")
+    with pytest.raises(ValueError, match="evit_fusion='paper' applies to method 'evit' only, not 'topk'"):
+        sdmerge.apply(model, "topk", evit_fusion="paper")
 
+
+
+@pytest.mark.parametrize("name", ["hf ViT", "timm DeiT distilled"])
+def test_evit_fusion_rules_and_proportional_attention(name):
+    options = SCHEDULES["constant"]  # a fused token in every block
+    model, x, paper, _, _ = reference_run(name, "evit", options, evit_fusion="paper")
+    torch.testing.assert_close(patched_logits(model, x, "evit", evit_fusion="paper", **options), paper, rtol=1e-5, atol=1e-5)
+    code = patched_logits(model, x, "evit", **options)
+    assert (code - paper).abs().max() > 1e-4  # the rules differ: the checks can fail
+    # every token of EViT has size 1 (the fused token too): proportional attention has nothing to act on
+    assert torch.equal(patched_logits(model, x, "evit", prop_attn=False, **options), code)
+
+
+def test_evit_fuses_a_single_pruned_token_where_the_stage_count_stays():
+    """r=0.99 on 64 patches: K_s = 63, 62, 62. EViT prunes 1, then 2 (the first fused token is one of
+    the 64 candidates), then 1 token: the first and last stages keep the token count, and the one
+    pruned token becomes a_i x_i, as in EViT's code. Merging methods do nothing at the last stage."""
+    options = dict(r=0.99, stages=(2, 5, 8))
+    model, x, expected, _, members = reference_run("hf ViT", "evit", options)
+    unreduced = patched_logits(model, x, "evit", r=1.0)
+    logits = patched_logits(model, x, "evit", **options)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert (logits - unreduced).abs().max() > 1e-4
+    state = reduction_state(model)
+    assert state.removals == (0, 0, 1, 0, 0, 2, 0, 0, 1, 0, 0, 0)
+    assert state.sizes.shape[1] == 1 + 62 + 1  # class token, K_3 kept tokens, the fused token
+    patched_logits(model, x, "tome", **options)
+    assert reduction_state(model).removals == (0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0)

@@ -11,7 +11,7 @@ from .crucial import crucial_token_merging
 from .grid import window_for_keep_rate, window_groups
 from .importance import head_mean_importance_score, importance_score
 from .plan import MergePlan, check_keep_rate, plan_from_representatives, tokens_to_remove
-from .pruning import evit_fusion, top_k_pruning
+from .pruning import evit_fusion, evit_merge, top_k_pruning
 
 __all__ = [
     "LINKAGES",
@@ -25,6 +25,7 @@ __all__ = [
     "cosine_distances",
     "crucial_token_merging",
     "evit_fusion",
+    "evit_merge",
     "head_mean_importance_score",
     "importance_score",
     "plan_from_representatives",

@@ -5,7 +5,8 @@ Images") downsamples the keys and values of a UNet self-attention by average-poo
 ``h x w`` token grid with a ``sy x sx`` window and stride. As a merge plan, each window is a
 group and its merged token is the plain mean of the window: no similarity is computed, so the
 plan costs almost nothing. Windows cut by the grid's right or bottom edge are groups of the
-tokens they hold, so every token belongs to a group.
+tokens they hold, so every token belongs to a group (``partial_windows="keep"``), or, as ToDo's
+pooling does (``avg_pool2d`` without padding), their tokens are dropped (``"drop"``).
 """
 
 from __future__ import annotations
@@ -35,23 +36,44 @@ def window_for_keep_rate(keep_rate: float) -> tuple[int, int]:
     return sy, tokens // sy
 
 
+PARTIAL_WINDOWS = ("keep", "drop")
+"""What :func:`window_groups` does with the windows cut by the grid's right and bottom edges."""
+
+
 def window_groups(
-    batch_size: int, height: int, width: int, sy: int, sx: int, *, sizes=None, device=None
+    batch_size: int, height: int, width: int, sy: int, sx: int, *, sizes=None, device=None,
+    partial_windows: str = "keep",
 ) -> MergePlan:
     """The plan whose groups are the ``sy x sx`` windows of an ``height x width`` grid.
 
     Tokens are in raster order (token ``y * width + x``); window ``(y // sy, x // sx)`` is group
-    ``(y // sy) * ceil(width / sx) + x // sx``, so groups are numbered by their first token.
-    Returns a plan of ``[B, N = height * width]`` labels and ``ceil(height / sy) * ceil(width / sx)``
-    groups, shared by the batch. With ``sizes`` given the merge is size-weighted, else the
-    plain window mean (``avg_pool2d`` on windows the grid tiles; the plan then has
-    ``equal_groups``).
+    ``(y // sy) * columns + x // sx``, so groups are numbered by their first token. The windows
+    cut by the right or bottom edge (when ``sy`` or ``sx`` does not divide the grid):
+
+    - ``partial_windows="keep"``: groups of the tokens they hold; ``columns = ceil(width / sx)``,
+      ``ceil(height / sy) * ceil(width / sx)`` groups;
+    - ``"drop"``: their tokens are dropped (label ``M``); ``columns = floor(width / sx)``,
+      ``floor(height / sy) * floor(width / sx)`` groups, the windows of ToDo's pooling
+      (``avg_pool2d`` with kernel and stride ``(sy, sx)``: a 33x33 grid at 2x2 keeps 16x16
+      tokens). Only for merges that need no unmerge (keys and values): dropped tokens get no row back.
+
+    Returns a plan of ``[B, N = height * width]`` labels shared by the batch. With ``sizes`` given
+    the merge is size-weighted, else the plain window mean (``avg_pool2d``'s when every group is a
+    whole window; the plan then has ``equal_groups``).
     """
     if min(height, width, sy, sx) < 1:
         raise ValueError(f"grid {height}x{width} and window {sy}x{sx} must be positive")
-    columns = -(-width // sx)
+    if partial_windows not in PARTIAL_WINDOWS:
+        raise ValueError(f"partial_windows={partial_windows!r}; allowed: {', '.join(PARTIAL_WINDOWS)}")
+    drop = partial_windows == "drop" and (height % sy != 0 or width % sx != 0)
+    if drop and (height < sy or width < sx):
+        raise ValueError(f"a {height}x{width} grid holds no whole {sy}x{sx} window to keep (partial_windows='drop')")
+    rows_kept, columns = (height // sy, width // sx) if drop else (-(-height // sy), -(-width // sx))
     rows = torch.arange(height, device=device).div(sy, rounding_mode="floor")
     cols = torch.arange(width, device=device).div(sx, rounding_mode="floor")
-    labels = (rows[:, None] * columns + cols[None, :]).view(1, height * width).expand(batch_size, -1)
-    tiles = height % sy == 0 and width % sx == 0
-    return MergePlan(labels.contiguous(), -(-height // sy) * columns, sizes, equal_groups=tiles)
+    labels = rows[:, None] * columns + cols[None, :]
+    if drop:  # tokens of the cut windows: the dropped label M
+        labels = labels.masked_fill((rows[:, None] >= rows_kept) | (cols[None, :] >= columns), rows_kept * columns)
+    labels = labels.view(1, height * width).expand(batch_size, -1).contiguous()
+    whole = drop or (height % sy == 0 and width % sx == 0)
+    return MergePlan(labels, rows_kept * columns, sizes, drops=drop, equal_groups=whole)

@@ -59,7 +59,7 @@ class MergePlan:
         sizes: ``[B, N]``, how many original tokens each input token already stands for
             (``None``: every token is one original token).
         equal_groups: the grouping knows that every group holds the same number of tokens and
-            ``sizes`` is ``None`` (the grid grouping on a grid its windows tile), so that
+            ``sizes`` is ``None`` (the grid grouping when every group is a whole window), so that
             proportional attention, a constant bias then, may be left out.
     """
 
@@ -82,7 +82,7 @@ class MergePlan:
         self.num_groups = int(num_groups)
         self.sizes = sizes
         self.drops = drops  # True when some labels equal num_groups (pruned tokens)
-        self.equal_groups = equal_groups and sizes is None and not drops
+        self.equal_groups = equal_groups and sizes is None
 
     @property
     def batch_size(self) -> int:
@@ -111,16 +111,19 @@ class MergePlan:
             return self.counts
         return self._group_sum(self.sizes)
 
-    def merge(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+    def merge(self, x: Tensor, weights: Tensor | None = None, *, normalise: bool = True) -> Tensor:
         """Weighted mean of each group: ``[B, N, C] -> [B, M, C]``.
 
         ``y_g = sum_{i in g} w_i x_i / sum_{i in g} w_i`` with ``w`` = ``weights`` if given, else the
         plan's sizes (ToMe's size-weighted average), else uniform (plain mean, as tomesd).
         Weights are normalised per group in float32 (safe for float16 scores that are zero or
-        underflow); the sum itself runs in ``x.dtype``.
+        underflow); the sum itself runs in ``x.dtype``. ``normalise=False`` (``weights`` required):
+        the weighted sum ``y_g = sum_{i in g} w_i x_i`` instead (EViT's fused token).
         """
         if x.shape[:2] != self.labels.shape:
             raise ValueError(f"x must be [B, N, C] with [B, N] = {tuple(self.labels.shape)}, got {tuple(x.shape)}")
+        if not normalise and weights is None:
+            raise ValueError("normalise=False sums the tokens with their weights; pass weights [B, N]")
         if weights is None:
             weights = self.sizes
         B, N, C = x.shape
@@ -132,9 +135,12 @@ class MergePlan:
             return out * self.counts.reciprocal().to(x.dtype).unsqueeze(-1)
         if weights.shape != self.labels.shape:
             raise ValueError(f"weights must be [B, N] = {tuple(self.labels.shape)}, got {tuple(weights.shape)}")
-        w = weights.float() + _WEIGHT_FLOOR
-        total = w.new_zeros(B, self.num_groups + self.drops).scatter_add_(1, self.labels, w)
-        coefficients = (w / total.gather(1, self.labels)).to(x.dtype)
+        if normalise:
+            w = weights.float() + _WEIGHT_FLOOR
+            total = w.new_zeros(B, self.num_groups + self.drops).scatter_add_(1, self.labels, w)
+            coefficients = (w / total.gather(1, self.labels)).to(x.dtype)
+        else:
+            coefficients = weights.to(x.dtype)
         out.scatter_add_(1, index, x * coefficients.unsqueeze(-1))
         return out[:, : self.num_groups] if self.drops else out
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from ..core import (
     MergePlan,
     alternating_split,
+    evit_merge,
     head_mean_importance_score,
     importance_score,
     proportional_attention_bias,
@@ -54,6 +55,25 @@ def class_token_attention(query: Tensor, key: Tensor, scaling: float, bias: Tens
 
 CIS_SCORES = ("code", "paper")
 """The two readings of ToMeCIS eq. 8 over several heads (``cis_score``; see :func:`class_importance`)."""
+
+EVIT_FUSIONS = ("code", "paper")
+"""EViT's fused token (``evit_fusion``): ``"code"``, ``sum_i a_i x_i`` (EViT's code and the code behind
+"Which tokens to use?"), or ``"paper"``, that sum divided by ``sum_i a_i`` (:func:`sdmerge.core.evit_merge`)."""
+
+
+def method_formula(
+    option: str, value: str | None, allowed: tuple[str, ...], what: str, owner: str, method: Method
+) -> str:
+    """The checked value of a formula option that only method ``owner`` has (``cis_score``,
+    ``evit_fusion``): ``allowed[0]`` when ``None``; ``ValueError`` for a value not in ``allowed`` or
+    for the option given with another method."""
+    if value is None:
+        return allowed[0]
+    if value not in allowed:
+        raise ValueError(f"{option}={value!r} is not {what}; allowed: {', '.join(allowed)}")
+    if method.name != owner:
+        raise ValueError(f"{option}={value!r} applies to method {owner!r} only, not {method.name!r}")
+    return value
 
 
 def class_importance(method: Method, class_attention: Tensor, values: Tensor, cis_score: str = "code") -> Tensor:
@@ -84,8 +104,10 @@ class ReductionConfig:
         method: the merging method (:func:`sdmerge.methods.get_method` with ``"vit"``).
         schedule: removals per block.
         protected: prefix tokens never merged (class token; DeiT's distillation token).
-        prop_attn: add ``log(size)`` to the attention logits of every block after a reduction.
+        prop_attn: add ``log(size)`` to the attention logits of every block after a reduction
+            (merged tokens only: see :attr:`proportional_attention`).
         cis_score: the CIS formula of ``cis`` (:data:`CIS_SCORES`, :func:`class_importance`).
+        evit_fusion: EViT's fused token (:data:`EVIT_FUSIONS`).
     """
 
     method: Method
@@ -93,31 +115,39 @@ class ReductionConfig:
     protected: int
     prop_attn: bool = True
     cis_score: str = "code"
+    evit_fusion: str = "code"
     _removals: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_options(
         cls, method: str, depth: int, num_tokens: int, protected: int, r, *, stages, tokens_per_block, schedule, prop_attn,
-        cis_score=None,
+        cis_score=None, evit_fusion=None,
     ) -> "ReductionConfig":
         """Check the user's options of ``sdmerge.apply`` for a ``depth``-block model with
         ``num_tokens`` input tokens (``protected`` of them prefix tokens) and build the config.
 
         Raises ``ValueError`` for an unknown method, an invalid or ambiguous schedule
         (:func:`~sdmerge.vit.schedule.make_schedule`), one the method cannot follow at ``num_tokens``,
-        or a ``cis_score`` that is not one of :data:`CIS_SCORES` or given with another method than ``cis``.
+        a ``cis_score`` that is not one of :data:`CIS_SCORES` or given with another method than ``cis``,
+        or an ``evit_fusion`` that is not one of :data:`EVIT_FUSIONS` or given with another method than ``evit``.
         """
         if not isinstance(prop_attn, bool):
             raise ValueError(f"prop_attn={prop_attn!r} must be True or False")
         chosen = get_method(method, "vit")
-        if cis_score is not None and cis_score not in CIS_SCORES:
-            raise ValueError(f"cis_score={cis_score!r} is not a CIS formula; allowed: {', '.join(CIS_SCORES)}")
-        if cis_score is not None and chosen.name != "cis":
-            raise ValueError(f"cis_score={cis_score!r} applies to method 'cis' only, not {method!r}")
+        cis_score = method_formula("cis_score", cis_score, CIS_SCORES, "a CIS formula", "cis", chosen)
+        evit_fusion = method_formula("evit_fusion", evit_fusion, EVIT_FUSIONS, "an EViT fusion rule", "evit", chosen)
         token_schedule = make_schedule(depth, r, stages=stages, tokens_per_block=tokens_per_block, schedule=schedule)
-        config = cls(chosen, token_schedule, protected, prop_attn, "code" if cis_score is None else cis_score)
+        config = cls(chosen, token_schedule, protected, prop_attn, cis_score, evit_fusion)
         config.removals(num_tokens)  # validate now, not at the first call
         return config
+
+    @property
+    def proportional_attention(self) -> bool:
+        """Whether proportional attention acts: ``prop_attn`` and a merging method. Merged tokens
+        (``tome``, ``atc_*``, and ``cis``/``crucial``, whose sizes still count their tokens, as the
+        ToMeCIS code does) have sizes; the pruning methods' tokens all keep size 1 (EViT's fused
+        token is an ordinary token, as in EViT's code), so there is no bias to add."""
+        return self.prop_attn and not self.method.prunes
 
     def removals(self, num_tokens: int) -> tuple[int, ...]:
         """The checked removals per block for ``num_tokens`` input tokens (cached per count)."""
@@ -130,12 +160,17 @@ class ReductionState:
     """One forward call's reduction state; a new one is made for every call.
 
     Attributes:
-        removals: tokens removed in each block for this call's token count.
-        sizes: ``[B, N_l]`` float32, original tokens each current token stands for
-            (``None`` until the first reduction: every token is one token).
+        removals: tokens each block takes out of the kept set (merged away or pruned; EViT then
+            adds its fused token) for this call's token count.
+        sizes: ``[B, N_l]`` float32, the size of every current token in proportional attention
+            and size-weighted pooling (``None`` until the first reduction: every token is one
+            token). Merging methods: the original tokens it stands for. ``topk`` and ``evit``:
+            1 for every token, EViT's fused token included (it is an ordinary token).
         provenance: a :class:`~sdmerge.core.MergePlan` from the ``N_0`` input tokens to the
-            current tokens (``labels [B, N_0]``; ``None`` until the first reduction); its
-            ``merged_sizes`` equal ``sizes``.
+            current tokens (``labels [B, N_0]``, pruned tokens: label ``N_l``; ``None`` until the
+            first reduction): the input tokens every current token holds, EViT's fused token
+            holding every token fused into it, transitively. Its ``merged_sizes`` count them; they
+            equal ``sizes`` for the merging methods.
     """
 
     def __init__(self, config: ReductionConfig, num_tokens: int):
@@ -153,8 +188,9 @@ class ReductionState:
         return self.removals[block] > 0
 
     def attention_bias(self, dtype: torch.dtype) -> Tensor | None:
-        """``[B, 1, 1, N_l]`` = ``log(sizes)`` for proportional attention, or ``None``."""
-        if not self.config.prop_attn or self.sizes is None:
+        """``[B, 1, 1, N_l]`` = ``log(sizes)`` for proportional attention, or ``None``
+        (:attr:`ReductionConfig.proportional_attention`)."""
+        if not self.config.proportional_attention or self.sizes is None:
             return None
         return proportional_attention_bias(self.sizes, dtype)
 
@@ -172,16 +208,19 @@ class ReductionState:
             self._recorded["class_attention"] = class_token_attention(query, key, scaling, bias)
 
     def reduce(self, block: int, x: Tensor) -> Tensor:
-        """Reduce ``x: [B, N, C]`` to ``[B, N - removals[block], C]`` with the recorded attention.
+        """Reduce ``x: [B, N, C]`` to ``[B, N - removals[block] (+ 1 for EViT's fused token), C]``
+        with the recorded attention.
 
         Metric: keys averaged over heads (ToMe), ``[B, N, Dh]``. Merged tokens are averaged with the method's
-        weights (sizes, or importance for ``cis``/``crucial``/``evit``); sizes add up and the
-        provenance plan is composed with this block's plan.
+        weights (sizes, or importance for ``cis``/``crucial``); EViT's fused token is
+        :func:`~sdmerge.core.evit_merge` of the pruned tokens. Sizes add up (pruning methods: every
+        token keeps size 1) and the provenance plan is composed with this block's plan.
 
         Token order after the reduction: bipartite methods (``tome``, ``cis``) follow ToMe's ViT
         implementation, protected tokens, then the unmerged sources (even positions), then all
         destinations (odd positions), each in ascending current position, so the next block's
-        alternating split runs over that order; the other methods keep the tokens' relative order.
+        alternating split runs over that order; the other methods keep the tokens' relative order
+        (EViT's fused token last).
         """
         method, protected = self.config.method, self.config.protected
         recorded, self._recorded = self._recorded, {}
@@ -199,7 +238,10 @@ class ReductionState:
             metric, self.removals[block], protected=protected, sizes=self.sizes, importance=importance, split=split,
             split_order=method.needs_split,
         )
-        x = plan.merge(x, weights=method.weights(self.sizes, importance))
-        self.sizes = plan.merged_sizes
+        if method.fused_tokens:
+            x = evit_merge(plan, x, importance, average=self.config.evit_fusion == "paper")
+        else:
+            x = plan.merge(x, weights=method.weights(self.sizes, importance))
+        self.sizes = x.new_ones(x.shape[:2], dtype=torch.float32) if method.prunes else plan.merged_sizes
         self.provenance = plan if self.provenance is None else self.provenance.then(plan)
         return x

@@ -2,8 +2,9 @@
 
 Two published protocols, one way to ask for each (see ``docs/vit.md``):
 
-* **stages** ("Which tokens to use?", Haurum et al. 2023, section 3; ATC, Haurum et al. 2024,
-  section 4.1): at a few chosen blocks, keep the fraction ``r`` of the free tokens present.
+* **stages** ("Which tokens to use?", Haurum et al. 2023, sections 3 and 3.1.2; ATC, Haurum et
+  al. 2024, section 4.1): after the ``s``-th of a few chosen blocks, ``K_s = floor(P r^s)`` of
+  the ``P`` free tokens that entered the first stage are kept (:func:`stage_keep_counts`).
   ``keep_rate_schedule(depth, r)`` uses the default stages, ``stages=(3, 6, 9)`` for a
   12-block model; ``keep_rate_schedule(depth, r, stages=...)`` takes explicit 0-based indices.
 * **per-block counts** (ToMe, Bolya et al. 2022; ToMeCIS; ATC section 4.2, eq. 4-5): remove
@@ -14,13 +15,18 @@ Two published protocols, one way to ask for each (see ``docs/vit.md``):
 distillation tokens). A schedule is a list of removals per block that depends on the token
 count, so it is resolved for the count a forward call actually sees (:meth:`TokenSchedule.removals`)
 and checked against what the method can remove in each block (:func:`removal_limit`).
+
+A removal takes a token out of the kept set (merged into another, or pruned). EViT then adds
+one fused token (:attr:`~sdmerge.methods.Method.fused_tokens`), as its code does: the fused
+token comes in addition to the tokens the schedule keeps, in both protocols.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from ..core import alternating_split, check_keep_rate, tokens_to_remove
+from ..core import alternating_split, check_keep_rate
 from ..methods import Method
 
 PER_BLOCK_SCHEDULES = ("constant", "linear")
@@ -45,14 +51,27 @@ def default_stages(depth: int) -> tuple[int, ...]:
     return tuple(k * depth // 4 for k in (1, 2, 3))
 
 
+def stage_keep_counts(patches: int, keep_rate: float, num_stages: int) -> tuple[int, ...]:
+    """``K_s = floor(P * r^s)`` for ``s = 1 .. num_stages``: the free tokens kept after each stage.
+
+    ``P`` (``patches``) is the number of free tokens entering the first stage ("Which tokens to
+    use?" section 3.1.2: Top-K keeps ``K_s = P r^s``; its code, EViT's and ATC's floor it).
+    The floor is taken with a 1e-6 tolerance, so a product that is a whole number in real
+    arithmetic is that number (``P=1000, r=0.3, s=3``: 27, where float gives 26.999999999999996).
+    DeiT at 224 px (``P=196``), ``r=0.7``: 137, 96, 67.
+    """
+    keep_rate = check_keep_rate(keep_rate)
+    return tuple(int(math.floor(patches * keep_rate**s + 1e-6)) for s in range(1, num_stages + 1))
+
+
 @dataclass(frozen=True)
 class TokenSchedule:
     """Removals per block of a ``depth``-block model.
 
     Exactly one of the two protocols:
-    - ``keep_rate`` with ``stages``: at every block in ``stages`` remove
-      ``floor(F * (1 - keep_rate))`` of the ``F`` free tokens present (the library's keep-rate
-      rule, :func:`sdmerge.core.tokens_to_remove`);
+    - ``keep_rate`` with ``stages``: the ``s``-th block in ``stages`` keeps
+      ``K_s = floor(P * keep_rate^s)`` of the free tokens (:func:`stage_keep_counts`, ``P``: the
+      free tokens entering the first stage) and removes the others;
     - ``per_block``: a fixed count for every block, independent of the token count.
     """
 
@@ -61,22 +80,35 @@ class TokenSchedule:
     stages: tuple[int, ...] = ()
     per_block: tuple[int, ...] | None = None
 
-    def removals(self, num_tokens: int, protected: int) -> tuple[int, ...]:
-        """Tokens removed in each block, ``[depth]``, for ``num_tokens`` input tokens
-        (``protected`` of them never merged)."""
+    def removals(self, num_tokens: int, protected: int, method: Method | None = None) -> tuple[int, ...]:
+        """Tokens removed in each block, ``[depth]``, for ``num_tokens`` input tokens (``protected``
+        of them never merged), by ``method`` (``None``: a method that adds no token and has no split).
+
+        Stages: EViT's fused token (:attr:`~sdmerge.methods.Method.fused_tokens`) is one more free
+        token that later stages keep or remove like any other. ToMe's split (``tome``, ``cis``) has
+        about half the free tokens as sources; at ``keep_rate >= 0.5`` ``floor(P r^s)`` asks at most
+        one token more than that (an odd count, e.g. DeiT-S's third stage at ``r=0.5``: 49 -> 24),
+        and the stage then removes what the split allows, as ToMe's code and the reference code
+        clamp. Below 0.5 nothing is clamped (:func:`check_schedule` raises).
+        """
         if self.per_block is not None:
             return self.per_block
-        counts, free = [], num_tokens - protected
+        kept = dict(zip(self.stages, stage_keep_counts(num_tokens - protected, self.keep_rate, len(self.stages))))
+        fused = 0 if method is None else method.fused_tokens
+        clamp = method is not None and method.needs_split and self.keep_rate >= 0.5
+        counts, tokens = [], num_tokens
         for block in range(self.depth):
-            remove = tokens_to_remove(free, self.keep_rate) if block in self.stages else 0
+            remove = tokens - protected - kept[block] if block in kept else 0
+            if clamp:
+                remove = min(remove, removal_limit(method, tokens, protected))
             counts.append(remove)
-            free -= remove
+            tokens = tokens_after(tokens, remove, fused)
         return tuple(counts)
 
     def describe(self) -> str:
         if self.per_block is not None:
             return f"per-block removals {list(self.per_block)}"
-        return f"keep rate {self.keep_rate} at blocks {list(self.stages)}"
+        return f"keep rate {self.keep_rate} at blocks {list(self.stages)} (floor(P r^s) free tokens kept after stage s)"
 
 
 def keep_rate_schedule(depth: int, keep_rate: float, stages=None) -> TokenSchedule:
@@ -142,13 +174,20 @@ def make_schedule(
     return per_block_schedule(depth, tokens_per_block, "constant" if schedule is None else schedule)
 
 
+def tokens_after(tokens: int, remove: int, fused_tokens: int) -> int:
+    """Tokens after a block that removes ``remove`` of ``tokens`` and then adds ``fused_tokens``
+    (only when it removes something: a block that removes nothing does not reduce)."""
+    return tokens - remove + (fused_tokens if remove else 0)
+
+
 def removal_limit(method: Method, num_tokens: int, protected: int) -> int:
     """The most tokens ``method`` can remove from ``num_tokens`` tokens in one ViT block.
 
     - bipartite (``tome``, ``cis``): the source set of the alternating split, the even
-      positions ``>= protected`` (ToMe clamps to ``(N - protected) // 2``; we raise instead);
+      positions ``>= protected`` (ToMe clamps to ``(N - protected) // 2``; we raise instead,
+      except for the one-token rounding of stages at ``r >= 0.5``, :meth:`TokenSchedule.removals`);
     - every other grouping: all free tokens but one (one group, or one kept token, remains;
-      EViT's fused token counts as kept).
+      EViT keeps at least one token besides its fused token, as its code asserts).
     """
     if method.needs_split:
         return len(alternating_split(num_tokens, protected)[0])
@@ -158,7 +197,7 @@ def removal_limit(method: Method, num_tokens: int, protected: int) -> int:
 def check_schedule(schedule: TokenSchedule, method: Method, num_tokens: int, protected: int) -> tuple[int, ...]:
     """The removals of ``schedule`` for ``num_tokens`` tokens, or a ``ValueError`` naming the first
     block where ``method`` cannot remove that many."""
-    removals = schedule.removals(num_tokens, protected)
+    removals = schedule.removals(num_tokens, protected, method)
     tokens = num_tokens
     for block, remove in enumerate(removals):
         limit = removal_limit(method, tokens, protected)
@@ -168,5 +207,5 @@ def check_schedule(schedule: TokenSchedule, method: Method, num_tokens: int, pro
                 f"{block} (0-based; {protected} protected); it can remove at most {limit} there. "
                 "Use a higher keep rate or fewer tokens per block"
             )
-        tokens -= remove
+        tokens = tokens_after(tokens, remove, method.fused_tokens)
     return removals

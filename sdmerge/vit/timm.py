@@ -10,7 +10,8 @@ with timm's ``Attention`` (layer scale, drop path, q/k norm, gated attention inc
 ``num_prefix_tokens`` (class, distillation, register tokens) are protected. Pooling:
 ``'token'`` reads the class token (unchanged); ``'avg'``/``'avgmax'`` become size-weighted
 means over the merged tokens; ``'max'`` takes the maximum over merged tokens; attention
-pooling (``'map'``, ``'prr'``) is refused. Methods that need the class-token attention
+pooling (``'map'``, ``'prr'``) is refused; after pruning (``topk``, ``evit``) every token counts once,
+EViT's fused token included. Methods that need the class-token attention
 (``cis``, ``crucial``, ``topk``, ``evit``) need a class token.
 
 timm's ``Attention`` adds a float ``attn_mask`` to its logits (fused and unfused paths), so the
@@ -59,6 +60,7 @@ def apply(
     schedule: str | None = None,
     prop_attn: bool = True,
     cis_score: str | None = None,
+    evit_fusion: str | None = None,
 ):
     """Patch a timm ``VisionTransformer`` in place; options as :func:`sdmerge.vit.transformers.apply`."""
     if not accepts(model):
@@ -67,7 +69,7 @@ def apply(
     config = ReductionConfig.from_options(
         method, len(model.blocks), model.patch_embed.num_patches + model.num_prefix_tokens, model.num_prefix_tokens, r,
         stages=stages, tokens_per_block=tokens_per_block, schedule=schedule, prop_attn=prop_attn,
-        cis_score=cis_score,
+        cis_score=cis_score, evit_fusion=evit_fusion,
     )
     if config.method.needs_importance and not model.has_class_token:
         raise ValueError(f"method {method!r} ranks tokens by class-token attention; this model has no class token")
@@ -163,7 +165,8 @@ class _AttentionForward:
 
 
 class _SizeWeightedPool:
-    """``VisionTransformer.pool`` with mean pooling weighted by token sizes after merging."""
+    """``VisionTransformer.pool`` with mean pooling weighted by token sizes after merging; after
+    pruning (``topk``, ``evit``) timm's own pooling, every token counting once (EViT's fused token too)."""
 
     def __init__(self, patch: ModelPatch, model: nn.Module):
         self.patch, self.model = patch, model
@@ -172,7 +175,7 @@ class _SizeWeightedPool:
     def __call__(self, x, pool_type: str | None = None):
         model, state = self.model, self.patch.state
         pool_type = model.global_pool if pool_type is None else pool_type
-        if pool_type not in _MEAN_POOLS or state is None or state.sizes is None:
+        if pool_type not in _MEAN_POOLS or state is None or state.sizes is None or state.config.method.prunes:
             return self.original(x, pool_type=pool_type)
         start = 0 if model.pool_include_prefix else model.num_prefix_tokens
         tokens, sizes = x[:, start:], state.sizes[:, start:]

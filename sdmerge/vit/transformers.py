@@ -1,7 +1,7 @@
 """Token merging in Hugging Face transformers ViT and DeiT models.
 
     model = transformers.AutoModelForImageClassification.from_pretrained(path)   # ViT or DeiT
-    sdmerge.apply(model, method="cis", r=0.7)    # keep 70% of the tokens at blocks 3, 6, 9
+    sdmerge.apply(model, method="cis", r=0.7)    # keep floor(196 * 0.7^s) patch tokens after blocks 3, 6, 9
     sdmerge.remove(model)                         # back to the original model, exactly
 
 Supported classes: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
@@ -90,22 +90,27 @@ def apply(
     schedule: str | None = None,
     prop_attn: bool = True,
     cis_score: str | None = None,
+    evit_fusion: str | None = None,
 ):
     """Patch a transformers ViT/DeiT model in place to merge tokens; returns ``model``.
 
     Args:
         method: ``tome``, ``atc_single``, ``atc_complete``, ``atc_average``, ``cis``, ``crucial``,
             ``topk`` or ``evit``.
-        r: keep rate at each stage, ``0 < r <= 1`` (stage protocol); ``None``: 0.5.
+        r: keep rate at each stage, ``0 < r <= 1`` (stage protocol: ``floor(P r^s)`` of the ``P``
+            patch tokens are kept after stage ``s``); ``None``: 0.5.
         stages: 0-based indices of the reducing blocks (default ``floor(k L / 4)``, k = 1, 2, 3:
             blocks 3, 6, 9 of a 12-block model).
         tokens_per_block: tokens removed in every block instead (per-block protocol); not
             together with ``r`` or ``stages``.
         schedule: ``"constant"`` (default) or ``"linear"`` (ToMe's ``floor(2t - 2tl/(L-1))``),
             with ``tokens_per_block`` only.
-        prop_attn: proportional attention (``+ log(size)`` on the logits).
+        prop_attn: proportional attention (``+ log(size)`` on the logits) for merged tokens; the
+            pruning methods ``topk``/``evit`` have none to weight.
         cis_score: ``cis`` only: ``"code"`` (default, ``mean_h(A_cls) * ||mean_h(V)||``, the ToMeCIS
             code) or ``"paper"`` (``mean_h(A_cls * ||V||)``, the paper's text).
+        evit_fusion: ``evit`` only: ``"code"`` (default, fused token ``sum_i a_i x_i``, EViT's code)
+            or ``"paper"`` (``sum_i a_i x_i / sum_i a_i``, the paper's weighted average).
 
     Raises ``TypeError`` for an unsupported model and ``ValueError`` for an unknown method, an
     ambiguous or invalid schedule, or one that asks a block for more removals than the method
@@ -120,9 +125,9 @@ def apply(
     config = ReductionConfig.from_options(
         method, len(layers), base.embeddings.patch_embeddings.num_patches + protected, protected, r,
         stages=stages, tokens_per_block=tokens_per_block, schedule=schedule, prop_attn=prop_attn,
-        cis_score=cis_score,
+        cis_score=cis_score, evit_fusion=evit_fusion,
     )
-    check_attention_implementation(base.config._attn_implementation, prop_attn)
+    check_attention_implementation(base.config._attn_implementation, config.proportional_attention)
     remove(model)
     patch = ModelPatch(base, config, base.embeddings)
     for block, layer in enumerate(layers):
