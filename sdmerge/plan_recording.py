@@ -13,20 +13,25 @@ Nothing is recorded outside the ``with`` block, and a patched UNet that is not r
 one ``is None`` test per plan.
 
 ViT / DeiT (transformers): the provenance plan after a chosen block, :func:`vit_provenance_after`.
+
+The Stable Diffusion integration (and so diffusers) is imported by :func:`record_plans` only: the
+ViT function works where diffusers is not installed.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .core.plan import MergePlan
-from .stable_diffusion import MergedBlock, enclosing_transformer, find_unet
-from .stable_diffusion.patch import _STATE_ATTRIBUTE
 from .vit import reduction_state
+
+if TYPE_CHECKING:
+    from .stable_diffusion import MergedBlock
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,9 @@ def record_plans(model, blocks=None, steps=None):
     nothing to remove (``r = 1``) makes no plan and records nothing. Raises ``ValueError`` for
     an unpatched model, an unknown block name or an invalid step.
     """
+    from .stable_diffusion import enclosing_transformer, find_unet
+    from .stable_diffusion.patch import _STATE_ATTRIBUTE
+
     unet = find_unet(model)
     state = getattr(unet, _STATE_ATTRIBUTE, None)
     if state is None:
