@@ -1,5 +1,8 @@
 """Writes that never leave a half-written file: write a temporary file beside the target, then
-``os.replace`` it onto the target (atomic on POSIX and Windows within one file system)."""
+``os.replace`` it onto the target (atomic on POSIX and Windows within one file system).
+
+The file gets the permissions of any newly created file, ``0o666`` less the process's umask (the
+temporary file is created ``0o600``, and ``os.replace`` would keep that)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as file:
             write(file)
             file.flush()
@@ -24,6 +28,13 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: Path, text: str) -> None:
