@@ -180,13 +180,16 @@ def test_every_python_block_runs_as_written(doc, monkeypatch):
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_marker_names_a_reason_and_sits_right_before_a_python_block(doc):
+    """A marker is an HTML comment on a line of its own (prose may quote one in backticks)."""
     lines = (ROOT / doc).read_text().splitlines()
     for i, line in enumerate(lines):
-        for marker in MARKER.finditer(line):
-            assert marker.group(1).strip(), f"{doc}:{i + 1}: a marker without a reason"
-            assert line.strip() == marker.group(0) and i + 1 < len(lines) and lines[i + 1].strip() == "```python", (
-                f"{doc}:{i + 1}: a marker must be alone on the line right before a ```python fence"
-            )
+        marker = MARKER.match(line.strip())
+        if marker is None:
+            continue
+        assert marker.group(1).strip(), f"{doc}:{i + 1}: a marker without a reason"
+        assert line.strip() == marker.group(0) and i + 1 < len(lines) and lines[i + 1].strip() == "```python", (
+            f"{doc}:{i + 1}: a marker must be alone on the line right before a ```python fence"
+        )
 
 
 def test_an_unmarked_block_that_raises_fails_and_a_marked_one_is_left_out(tmp_path, monkeypatch):

@@ -12,8 +12,6 @@ import pytest
 
 from eval.optional import EXTRAS
 
-tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(path.name for path in (ROOT / "scripts").glob("*.py"))
 
@@ -32,36 +30,41 @@ for script, args in {runs!r}:
             code = 0
         except SystemExit as exit:
             code = exit.code if isinstance(exit.code, int) else str(exit.code)
-    results[script] = [code, out.getvalue(), err.getvalue()]
+    results[script + " " + args[0]] = [code, out.getvalue(), err.getvalue()]
 print(json.dumps(results))
 """
 
 
-def run_without_optional_packages(runs: list[tuple[str, list[str]]]) -> dict:
-    """``{script: [exit code or message, stdout, stderr]}`` of each ``(script, arguments)``, run in
-    one Python process in which the packages of :data:`eval.optional.EXTRAS` cannot be imported."""
+@pytest.fixture(scope="module")
+def without_optional_packages(tmp_path_factory) -> tuple[dict, Path]:
+    """Every script with ``--help``, and some started for real, in one Python process in which the
+    packages of :data:`eval.optional.EXTRAS` cannot be imported: ``({(script, first argument):
+    [exit code or message, stdout, stderr]}, the folder the real runs were told to write to)``."""
+    out = tmp_path_factory.mktemp("out")
+    runs = [(script, ["--help"]) for script in SCRIPTS] + [
+        ("bench_unet.py", ["--quick"]),
+        ("bench_clustering.py", ["--quick"]),
+        ("bench_gpu.py", ["--device", "cpu", "--quick", "--out", str(out / "b.md")]),
+        ("fid_sweep.py", ["--preset", "smoke", "--output", str(out / "smoke")]),
+    ]
     code = RUN_WITHOUT_OPTIONAL_PACKAGES.format(blocked=sorted(EXTRAS), runs=runs)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    results = json.loads(done.stdout.splitlines()[-1])
+    return {tuple(key.split(" ", 1)): result for key, result in results.items()}, out
 
 
-def test_help_works_for_every_script_without_the_optional_packages():
-    results = run_without_optional_packages([(script, ["--help"]) for script in SCRIPTS])
-    assert sorted(results) == SCRIPTS
-    for script, (code, out, err) in results.items():
+def test_help_works_for_every_script_without_the_optional_packages(without_optional_packages):
+    results, _ = without_optional_packages
+    helps = {script: result for (script, argument), result in results.items() if argument == "--help"}
+    assert sorted(helps) == SCRIPTS
+    for script, (code, out, err) in helps.items():
         assert code == 0, (script, code, err)
         assert out.startswith("usage: ") and len(out.splitlines()) > 3, (script, out)
 
 
-def test_a_missing_optional_package_stops_the_script_with_a_line_naming_its_extra(tmp_path):
-    runs = [
-        ("bench_unet.py", ["--quick"]),
-        ("bench_clustering.py", ["--quick"]),
-        ("bench_gpu.py", ["--device", "cpu", "--quick", "--out", str(tmp_path / "b.md")]),
-        ("fid_sweep.py", ["--preset", "smoke", "--output", str(tmp_path / "smoke")]),
-    ]
-    results = run_without_optional_packages(runs)
+def test_a_missing_optional_package_stops_the_script_with_a_line_naming_its_extra(without_optional_packages):
+    results, out = without_optional_packages
     expected = {
         "bench_unet.py": ["needs tomesd, which is not installed", 'pip install -e ".[bench]"'],
         "bench_clustering.py": ["needs scipy (for scipy.cluster.hierarchy)", 'pip install -e ".[bench]"'],
@@ -69,15 +72,16 @@ def test_a_missing_optional_package_stops_the_script_with_a_line_naming_its_extr
         "fid_sweep.py": ["needs accelerate (for eval.sweep)", 'pip install -e ".[sweep]"'],
     }
     for script, parts in expected.items():
-        message = results[script][0]
-        assert isinstance(message, str) and message.startswith(f"error: {script} needs "), (script, results[script])
+        (message, _, err), = [result for (name, argument), result in results.items() if name == script and argument != "--help"]
+        assert isinstance(message, str) and message.startswith(f"error: {script} needs "), (script, message, err)
         assert all(part in message for part in parts), message
-        assert "Traceback" not in results[script][2]
+        assert "Traceback" not in err
         assert len(message.splitlines()) == len([part for part in parts if part.startswith("needs")])  # per package
-    assert not (tmp_path / "b.md").exists() and not (tmp_path / "smoke").exists()  # stopped before any work
+    assert list(out.iterdir()) == []  # stopped before any work
 
 
 def test_each_optional_package_is_in_the_extra_its_message_names_and_in_dev():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     dev = {extra for requirement in extras["dev"] if requirement.startswith("sdmerge[")
            for extra in requirement.removeprefix("sdmerge[").removesuffix("]").split(",")}
