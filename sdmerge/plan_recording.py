@@ -138,8 +138,8 @@ def vit_provenance_after(model, pixel_values: Tensor, block: int) -> MergePlan |
     block. ``None``: no block up to ``block`` reduced. Use :func:`sdmerge.visualize.token_labels`
     to drop the protected tokens.
     """
-    base = getattr(model, "base_model", None)
-    layers = base.layers if hasattr(base, "layers") else model.blocks  # transformers, else timm
+    reduction_state(model)  # a TypeError for a model that is no ViT, a ValueError for an unpatched one
+    layers = _vit_blocks(model)
     if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < len(layers):
         raise ValueError(f"block={block!r} must be an int in [0, {len(layers)}) for this {len(layers)}-block model")
     captured = []
@@ -150,3 +150,13 @@ def vit_provenance_after(model, pixel_values: Tensor, block: int) -> MergePlan |
     finally:
         hook.remove()
     return captured[0]
+
+
+def _vit_blocks(model):
+    """The transformer blocks of a ViT: timm's ``blocks``, or a transformers model's layers in
+    either layout (``base_model.layers`` from 5.9 on, ``base_model.encoder.layer`` before)."""
+    if hasattr(model, "blocks"):
+        return model.blocks
+    from .vit.transformers import _layout_of
+
+    return _layout_of(model.base_model)[1]
