@@ -1,13 +1,15 @@
-"""Writes that never leave a half-written file: write a temporary file beside the target, then
-``os.replace`` it onto the target (atomic on POSIX and Windows within one file system).
+"""Writes that never leave a half-written file or folder: write a temporary one beside the target,
+then ``os.replace`` it onto the target (atomic on POSIX and Windows within one file system).
 
-The file gets the permissions of any newly created file, ``0o666`` less the process's umask (the
-temporary file is created ``0o600``, and ``os.replace`` would keep that)."""
+Files and folders get the permissions of any newly created one, ``0o666`` / ``0o777`` less the
+process's umask (the temporary ones are created ``0o600`` / ``0o700``, and ``os.replace`` would
+keep that)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,19 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_folder_atomically(folder: Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write(tmp)`` on a fresh temporary folder beside ``folder``, then rename it to ``folder``."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        write(tmp)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
