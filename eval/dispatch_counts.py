@@ -11,10 +11,16 @@ and stand for what the same call would dispatch on an accelerator.
   ``aten::unique*``, ``aten::masked_select`` -- and copies to the host (``.cpu()``,
   ``.tolist()``, ``.numpy()``). A CPU trace cannot tell a copy to the host from a dtype
   conversion, so every ``aten::_to_copy`` is counted as one (conservative).
+
+The profiler's native library writes a line to the process's stderr whenever a profile starts
+or stops (``USDT: ... profiler_start``); those writes are discarded, ``fn``'s own output is not.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -63,8 +69,14 @@ class DispatchCounts:
 def count_dispatches(fn: Callable[[], Any], within: str | None = None) -> DispatchCounts:
     """Run ``fn()`` once under torch.profiler (CPU activity) and count its events; ``within``
     names a ``torch.profiler.record_function`` range whose events are also counted apart."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU])
+    with _native_stderr_discarded():
+        prof.start()
+    try:
         result = fn()
+    finally:
+        with _native_stderr_discarded():
+            prof.stop()
     events = prof.events()
     aten = [event for event in events if event.name.startswith("aten::")]
     inside = [event for event in aten if within is not None and _inside(event, within)]
@@ -85,3 +97,17 @@ def _inside(event, range_name: str) -> bool:
             return True
         parent = parent.cpu_parent
     return False
+
+
+@contextlib.contextmanager
+def _native_stderr_discarded():
+    """Within the block, what anything writes to file descriptor 2 (native code included) is discarded."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -51,7 +51,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
 
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+            model, dtype=dtype, safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

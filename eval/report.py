@@ -5,6 +5,13 @@ setting: ``atc_average_shared_every5`` is a row of its own), one column per keep
 percent, the unpatched model's FID in the 100 column of every row; the best (lowest) value of
 every column in bold, the best of every row underlined. A second table
 gives seconds per image and the speed-up over the unpatched model in the same shape.
+A mark means one arm's value, as printed, is lower than every other arm's in its column or row:
+no mark where the lowest printed values tie, or where a column holds one arm only (the 100
+column: the unpatched model in every row).
+
+Every output of a run can carry a ``banner`` (the smoke preset's: :data:`SMOKE_BANNER`): in the
+title of ``results.md``, on top of the plot and of the image grid, so that no file of a smoke
+run passes for a result.
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ CSV_COLUMNS = [
 ]
 PLOT_FILE = "fid_vs_keep_rate.png"
 GRID_FILE = "image_grid.png"
+SMOKE_BANNER = "SMOKE TEST: tiny random model, the numbers check the machinery only"
+MIN_RELATIVE_SPAN = 0.1
+"""The plot's y axes span at least this fraction of the values' midpoint, so that differences far
+below it (the smoke preset's FIDs of 1.2272 and 1.2291) are drawn as the near-equal values they are."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,7 @@ def _table(
     results: Sequence[ArmResult], value: Callable[[ArmResult], float | None], cell: Callable[[ArmResult], str]
 ) -> list[str]:
     """Markdown lines in Table 2's shape. ``value(result)`` ranks cells (lower is better; None:
-    unranked), ``cell(result)`` prints one."""
+    unranked), rounded as printed; ``cell(result)`` prints one."""
     baseline, patched = results[0], results[1:]
     rows: dict[str, dict[float, ArmResult]] = {}
     for r in patched:
@@ -102,58 +113,72 @@ def _table(
     if not rows:
         rows = {baseline.arm.name: {1.0: baseline}}
     rates = sorted({rate for row in rows.values() for rate in row}, reverse=True)
-
-    def best(cells) -> float | None:
-        return min((v for r in cells if (v := value(r)) is not None), default=None)
-
-    best_in_column = {rate: best(row[rate] for row in rows.values() if rate in row) for rate in rates}
+    best_in_column = {rate: _best([row[rate] for row in rows.values() if rate in row], value) for rate in rates}
     lines = ["| r (%) | " + " | ".join(f"{rate * 100:g}" for rate in rates) + " |", "|---" * (len(rates) + 1) + "|"]
     for name, row in rows.items():
-        best_in_row = best(row.values()) if len(row) > 1 else None
+        best_in_row = _best(list(row.values()), value)
         cells = []
         for rate in rates:
             result = row.get(rate)
             text = "–" if result is None else cell(result)
-            v = None if result is None else value(result)
-            if v is not None and v == best_in_column[rate]:
+            if result is not None and result is best_in_column[rate]:
                 text = f"**{text}**"
-            if v is not None and v == best_in_row:
+            if result is not None and result is best_in_row:
                 text = f"<u>{text}</u>"
             cells.append(text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
-def write_markdown(path: Path, results: Sequence[ArmResult], provenance: dict, notes: Sequence[str]) -> None:
+def _best(cells: list[ArmResult], value: Callable[[ArmResult], float | None]) -> ArmResult | None:
+    """The arm whose value is lower than every other arm's among ``cells``; None if the lowest
+    values tie or fewer than two arms have one (the same arm in several cells counts once)."""
+    ranked = sorted({id(r): (v, r) for r in cells if (v := value(r)) is not None}.values(), key=lambda pair: pair[0])
+    if len(ranked) < 2 or ranked[0][0] == ranked[1][0]:
+        return None
+    return ranked[0][1]
+
+
+def write_markdown(
+    path: Path, results: Sequence[ArmResult], provenance: dict, notes: Sequence[str], banner: str | None = None
+) -> None:
     """``results.md``: the FID table, the speed table, ``notes`` (warnings, skipped outputs), provenance."""
     baseline = results[0]
 
-    def seconds(r: ArmResult) -> str:
+    def fid(r: ArmResult) -> float:
+        return round(r.fid, 2)
+
+    def seconds(r: ArmResult) -> float | None:
+        return None if r.seconds_per_image is None else float(f"{r.seconds_per_image:.3g}")
+
+    def seconds_cell(r: ArmResult) -> str:
         if r.seconds_per_image is None:
             return "n/a"
         speedup = _speedup(r, baseline)
-        return f"{r.seconds_per_image:.3g} s" + ("" if r is baseline else f" ({speedup:.2f}x)")
+        return f"{seconds(r):g} s" + ("" if r is baseline else f" ({speedup:.2f}x)")
 
-    lines = ["# FID sweep results", ""]
+    lines = ["# FID sweep results" + (f" ({banner})" if banner else ""), ""]
     lines += [f"> {note}" for note in notes] + ([""] if notes else [])
     lines += ["## FID (lower is better)", ""]
-    lines += _table(results, lambda r: r.fid, lambda r: f"{r.fid:.2f}")
+    lines += _table(results, fid, lambda r: f"{fid(r):.2f}")
     lines += [
         "",
-        "Best per column in **bold**, best per row <u>underlined</u>; the 100 column is the unpatched model.",
+        "Best per column in **bold**, best per row <u>underlined</u>, where one arm is lower than all others as "
+        "printed; the 100 column is the unpatched model.",
         "",
     ]
     lines += ["## Seconds per image (speed-up over the unpatched model)", ""]
-    lines += _table(results, lambda r: r.seconds_per_image, seconds)
+    lines += _table(results, seconds, seconds_cell)
     lines += ["", "## Provenance", ""]
     lines += [f"- **{key}**: {_plain(value)}" for key, value in provenance.items()]
     write_text(path, "\n".join(lines) + "\n")
 
 
-def write_plot(path: Path, results: Sequence[ArmResult]) -> bool:
+def write_plot(path: Path, results: Sequence[ArmResult], banner: str | None = None) -> bool:
     """FID and seconds per image against keep rate, one line per row (method and plan reuse)
     starting from the unpatched model at 100% (as Table 2's rows), which is also drawn dashed.
-    Returns False (nothing written) when matplotlib is not installed."""
+    Each axis spans at least :data:`MIN_RELATIVE_SPAN` of its values' midpoint, and its title
+    states their range. Returns False (nothing written) when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -162,7 +187,7 @@ def write_plot(path: Path, results: Sequence[ArmResult]) -> bool:
     except ImportError:
         return False
     baseline, patched = results[0], results[1:]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.6 if banner else 4.2))
     for axis, value, label in (
         (axes[0], lambda r: r.fid, "FID (lower is better)"),
         (axes[1], lambda r: r.seconds_per_image, "seconds per image"),
@@ -174,11 +199,17 @@ def write_plot(path: Path, results: Sequence[ArmResult]) -> bool:
             points = sorted((r.arm.keep_rate * 100, value(r)) for r in arms if value(r) is not None)
             if points:
                 axis.plot(*zip(*points, strict=True), marker="o", label=row)
+        values = [v for r in results if (v := value(r)) is not None]
+        if values:
+            axis.set_ylim(*y_limits(values))
+            axis.set_title(f"all arms within {min(values):.4g} ... {max(values):.4g}", fontsize=10)
         axis.set_xlabel("keep rate r (%)")
         axis.set_ylabel(label)
         axis.invert_xaxis()
         axis.grid(alpha=0.3)
     axes[0].legend()
+    if banner:
+        figure.suptitle(banner, color="red", fontweight="bold")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
@@ -187,23 +218,68 @@ def write_plot(path: Path, results: Sequence[ArmResult]) -> bool:
     return True
 
 
+def y_limits(values: Sequence[float]) -> tuple[float, float]:
+    """An axis range around ``values`` (10% margin) spanning at least :data:`MIN_RELATIVE_SPAN`
+    of their midpoint (1 if that is 0)."""
+    low, high = min(values), max(values)
+    middle = (low + high) / 2
+    half = 1.1 * max((high - low) / 2, MIN_RELATIVE_SPAN * abs(middle) / 2) or 1.0
+    return middle - half, middle + half
+
+
 def write_image_grid(
-    path: Path, rows: Sequence[tuple[str, Sequence[Path]]], column_titles: Sequence[str], tile: int
+    path: Path,
+    rows: Sequence[tuple[str, Sequence[Path]]],
+    column_titles: Sequence[str],
+    tile: int,
+    banner: str | None = None,
 ) -> None:
     """A grid as the ATC paper's Figure 6: one row per ``(label, image paths)``, one column per
-    title, every image scaled to ``tile`` x ``tile`` pixels, labels on the left and on top."""
+    title, every image scaled to ``tile`` x ``tile`` pixels, labels on the left and on top, wrapped
+    (never cut) to their space; ``banner`` in red above everything."""
     font = ImageFont.load_default()
-    label_width, header = 170, 24
-    canvas = Image.new("RGB", (label_width + tile * len(column_titles), header + tile * len(rows)), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_height = measure.textbbox((0, 0), "Ag", font=font)[3] + 3
+    label_width = 170
+    width = label_width + tile * len(column_titles)
+
+    def wrapped(text: str, pixels: int) -> list[str]:
+        return wrap(text, lambda line: measure.textlength(line, font=font) <= pixels)
+
+    banner_lines = wrapped(banner, width - 12) if banner else []
+    titles = [wrapped(title, tile - 6) for title in column_titles]
+    top = 6 + line_height * len(banner_lines) + (6 if banner_lines else 0)
+    header = top + line_height * max((len(lines) for lines in titles), default=0) + 6
+    canvas = Image.new("RGB", (width, header + tile * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
-    for j, title in enumerate(column_titles):
-        draw.text((label_width + j * tile + 4, 6), title[: max(4, tile // 7)], fill="black", font=font)
+    draw.multiline_text((6, 6), "\n".join(banner_lines), fill=(200, 0, 0), font=font, spacing=3)
+    for j, lines in enumerate(titles):
+        draw.multiline_text((label_width + j * tile + 3, top), "\n".join(lines), fill="black", font=font, spacing=3)
     for i, (label, paths) in enumerate(rows):
-        top = header + i * tile
-        draw.text((6, top + tile // 2 - 6), label, fill="black", font=font)
+        row_top = header + i * tile
+        lines = wrapped(label, label_width - 12)
+        label_top = row_top + max(0, (tile - line_height * len(lines)) // 2)
+        draw.multiline_text((6, label_top), "\n".join(lines), fill="black", font=font, spacing=3)
         for j, image_path in enumerate(paths):
             with Image.open(image_path) as image:
                 canvas.paste(
-                    image.convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS), (label_width + j * tile, top)
+                    image.convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS),
+                    (label_width + j * tile, row_top),
                 )
     write_atomically(path, lambda f: canvas.save(f, format="PNG"))
+
+
+def wrap(text: str, fits: Callable[[str], bool]) -> list[str]:
+    """``text`` as lines that each ``fits``: words joined while they fit, a word that never fits
+    split where it must. Every character but the spaces between lines is kept."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and fits(f"{lines[-1]} {word}"):
+            lines[-1] += f" {word}"
+            continue
+        while len(word) > 1 and not fits(word):
+            cut = max((k for k in range(1, len(word)) if fits(word[:k])), default=1)
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines

@@ -14,9 +14,6 @@ Its numbers only check that the machinery runs; they say nothing about image qua
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
+from .atomic import write_folder_atomically
 from .fid import FeatureExtractor
 
 SEED = 0
@@ -104,7 +102,7 @@ def build_tiny_pipeline(folder: Path) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    _build_folder(folder, pipe.save_pretrained)
+    write_folder_atomically(folder, pipe.save_pretrained)
 
 
 def build_reference_images(folder: Path, wnids: Sequence[str], per_class: int) -> None:
@@ -127,19 +125,7 @@ def build_reference_images(folder: Path, wnids: Sequence[str], per_class: int) -
                 array = image[0].permute(1, 2, 0).round().byte().numpy()
                 Image.fromarray(array).save(tmp / f"ILSVRC2012_val_{j:08d}.JPEG", quality=90)
 
-        _build_folder(folder / wnid, write)
-
-
-def _build_folder(folder: Path, write) -> None:
-    """Run ``write(tmp)`` on a fresh temporary folder beside ``folder``, then rename it to ``folder``."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
-        write(tmp)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_folder_atomically(folder / wnid, write)
 
 
 class RandomConvFeatures(nn.Module):

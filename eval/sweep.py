@@ -274,6 +274,7 @@ def _write_results(
 ) -> None:
     out = config.output
     notes = [SMOKE_WARNING] if config.smoke else []
+    banner = report.SMOKE_BANNER if config.smoke else None
     grid_classes = [c for c in GRID_CLASSES if c in config.classes] or config.classes[:4]
     first_images = {(i.arm, i.class_index): image_path(out / "images", i) for i in items if i.image_index == 0}
     rows = [(r.arm.name, [first_images[r.arm, c] for c in grid_classes]) for r in results]
@@ -283,14 +284,15 @@ def _write_results(
         rows,
         [names[c].name.split(",")[0] for c in grid_classes],
         tile=min(config.generation.resolution, 192),
+        banner=banner,
     )
-    if report.write_plot(out / report.PLOT_FILE, results):
+    if report.write_plot(out / report.PLOT_FILE, results, banner):
         plot_line = f"plot: {out / report.PLOT_FILE}"
     else:
         plot_line = 'plot skipped: matplotlib is not installed (pip install -e ".[plots]")'
         notes = notes + [plot_line]
     report.write_csv(out / "results.csv", results, provenance)
-    report.write_markdown(out / "results.md", results, provenance, notes)
+    report.write_markdown(out / "results.md", results, provenance, notes, banner)
     log("")
     log((out / "results.md").read_text().split("## Provenance")[0].rstrip())
     log("")

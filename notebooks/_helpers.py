@@ -33,7 +33,7 @@ import bench_vit  # noqa: E402
 import sdmerge  # noqa: E402
 from sdmerge.plan_recording import record_plans, vit_provenance_after  # noqa: E402
 from sdmerge.visualize import paint_groups, token_labels  # noqa: E402
-from vit_variants import Variant  # noqa: E402
+from eval.vit_variants import Variant  # noqa: E402
 
 QUICK_UNET_WIDTHS = (32, 64, 64, 64)
 """QUICK mode's UNet: SD-1.5's layout (blocks, heads, prompt width 768) at these channel widths."""
@@ -304,7 +304,7 @@ def sd_img2img_pipeline(model_path, quick: bool, device, dtype) -> StableDiffusi
     VAE (``QUICK=False``; in QUICK mode at small widths), no text encoder (prompt embeddings are
     passed in), DDIM scheduler."""
     if model_path is not None:
-        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model_path, torch_dtype=dtype, safety_checker=None)
+        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model_path, dtype=dtype, safety_checker=None)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
     torch.manual_seed(0)

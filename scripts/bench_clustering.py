@@ -37,17 +37,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.spatial.distance import squareform
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for eval/
 
 from eval.dispatch_counts import count_dispatches  # noqa: E402
+from eval.optional import optional_import, require  # noqa: E402
 from sdmerge.core import LINKAGES, cosine_distances, tokens_to_remove  # noqa: E402
 from sdmerge.core.agglomerative import cluster_with_rounds  # noqa: E402
 from sdmerge.core.rnn_rounds import ROUND_RANGE  # noqa: E402
 
 PATHS = ("cpu", "accelerator")
+hierarchy = optional_import("scipy.cluster.hierarchy")  # the authors' path and the exactness oracle
+distance = optional_import("scipy.spatial.distance")
 
 
 def canonical(labels: np.ndarray) -> np.ndarray:
@@ -62,8 +63,13 @@ def authors_path(metric: torch.Tensor, k: int, method: str) -> list[np.ndarray]:
     for sample in distances:  # one sample at a time, on the host, as the authors' code does
         d = sample.double().cpu().numpy()
         np.fill_diagonal(d, 0.0)
-        labels.append(fcluster(linkage(squareform(d, checks=False), method), k, "maxclust"))
+        labels.append(scipy_partition(d, k, method))
     return labels
+
+
+def scipy_partition(distances: np.ndarray, k: int, method: str) -> np.ndarray:
+    """scipy's ``k``-cluster cut of ``method`` linkage on a square float64 distance matrix."""
+    return hierarchy.fcluster(hierarchy.linkage(distance.squareform(distances, checks=False), method), k, "maxclust")
 
 
 def synchronize(device: torch.device) -> None:
@@ -93,8 +99,7 @@ def run_case(tokens, batch, keep, method, dim, repeats, device, paths):
         for path, fn in ours.items():
             times[path].append(timed(fn, device)[0])
         authors_times.append(timed(authors_fn, device)[0])
-    reference = [canonical(fcluster(linkage(squareform(d, checks=False), method), k, "maxclust"))
-                 for d in cosine_distances(metric).cpu().numpy()]
+    reference = [canonical(scipy_partition(d, k, method)) for d in cosine_distances(metric).cpu().numpy()]
     rows = []
     for path in paths:
         labels, rounds = results[path]
@@ -132,6 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--csv", help="also write the table to this CSV file")
     args = parser.parse_args(argv)
+    require(hierarchy, distance)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.quick:

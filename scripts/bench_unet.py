@@ -76,12 +76,11 @@ import contextlib
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import tomesd
-import tomesd.merge
-import tomesd.patch
 import torch
 from diffusers import PNDMScheduler, UNet2DConditionModel
 
@@ -89,6 +88,11 @@ import sdmerge
 import sdmerge.diffusion.prompt_importance
 from sdmerge.core import MergePlan
 from sdmerge.diffusion import MergedBlock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for eval/
+from eval.optional import optional_import, require  # noqa: E402
+
+tomesd = optional_import("tomesd")  # what sdmerge is compared with; imports its merge and patch modules
 
 SD15_UNET_CONFIG = dict(  # runwayml/stable-diffusion-v1-5, unet/config.json
     sample_size=64,
@@ -511,6 +515,7 @@ def main() -> None:
         "on a machine shared with other jobs it leaves out the time spent waiting for a core)",
     )
     args = parser.parse_args()
+    require(tomesd)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Throughput of ViT classifiers with every sdmerge method, as a ratio to the unpatched model.
 
-    PYTHONPATH=. python scripts/bench_vit.py            # DeiT-S and ViT-B, all methods, 5 repetitions
-    PYTHONPATH=. python scripts/bench_vit.py --quick    # DeiT-S, tome and cis only, 3 repetitions
+    python scripts/bench_vit.py            # DeiT-S and ViT-B, all methods, 5 repetitions
+    python scripts/bench_vit.py --quick    # DeiT-S, tome and cis only, 3 repetitions
 
 Models are built from configs with random weights (no download): DeiT-S (384 dims, 6 heads)
 and ViT-B (768 dims, 12 heads), 12 blocks, patch 16, 224x224 images (196 patches + class token),
@@ -22,14 +22,17 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from vit_variants import Variant, print_table, timed_forward
-
 from sdmerge.methods import METHODS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for eval/
+from eval.vit_variants import Variant, print_table, timed_forward  # noqa: E402
 
 MODELS = {
     "DeiT-S": dict(hidden_size=384, num_attention_heads=6, intermediate_size=1536),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Top-1 accuracy and throughput of a ViT/DeiT classifier with and without sdmerge.
 
-    PYTHONPATH=. python scripts/eval_vit.py --model facebook/deit-small-patch16-224 \\
+    python scripts/eval_vit.py --model facebook/deit-small-patch16-224 \\
         --imagenet-val /data/imagenet/val --method tome cis --tokens-per-block 13
 
 Every batch is decoded once and run through the unpatched model and every requested method in
@@ -33,10 +33,18 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from vit_variants import Variant, add_schedule_arguments, logits_of, print_table, schedule_options, timed_forward
-
 import sdmerge
 from sdmerge.methods import METHODS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for eval/
+from eval.vit_variants import (  # noqa: E402
+    Variant,
+    add_schedule_arguments,
+    logits_of,
+    print_table,
+    schedule_options,
+    timed_forward,
+)
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

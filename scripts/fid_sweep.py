@@ -15,15 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import diffusers
-import transformers
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for eval/
 
 from eval.errors import UserError  # noqa: E402
 from eval.generate import GenerationSettings  # noqa: E402
 from eval.imagenet_classes import parse_class_selection  # noqa: E402
-from eval.sweep import SweepConfig, run  # noqa: E402
+from eval.library_output import quiet_libraries  # noqa: E402
+from eval.optional import optional_import, require  # noqa: E402
+
+sweep = optional_import("eval.sweep")  # needs the sweep extra (accelerate)
 
 PRESETS = {
     "full": dict(
@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_config(args: argparse.Namespace) -> SweepConfig:
+def make_config(args: argparse.Namespace) -> sweep.SweepConfig:
     methods = [] if args.methods.strip() == "none" else [m.strip() for m in args.methods.split(",")]
     try:
         keep_rates = [float(r) for r in args.keep_rates.split(",")]
@@ -142,7 +142,7 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         raise UserError(f"--resolution {args.resolution}: must be a positive multiple of 8 (the VAE's factor)")
     output = Path(args.output)
     smoke = args.preset == "smoke"
-    return SweepConfig(
+    return sweep.SweepConfig(
         output=output,
         model=str(output / "smoke_model") if smoke else args.model,
         methods=methods,
@@ -162,11 +162,10 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # The sweep shows its own progress bars; the libraries' loading bars would bury them.
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    require(sweep)
+    quiet_libraries()
     try:
-        run(make_config(args))
+        sweep.run(make_config(args))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

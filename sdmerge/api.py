@@ -7,18 +7,21 @@ which explains why a model of its family that it does not accept cannot be patch
 ``r`` (the keep rate) and the options mean depends on the family: ``docs/stable_diffusion.md``
 for diffusion models, ``docs/vit.md`` for ViT/DeiT classifiers.
 
-The integrations are imported on first use, so ``import sdmerge`` (the core, ``cluster``) does
-not load diffusers or transformers.
+An integration is imported, and asked, only once the library of its models is imported
+(:func:`_integration_for`), so ``import sdmerge`` (the core, ``cluster``) loads neither diffusers
+nor transformers, and patching a transformers ViT does not load diffusers.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 from .methods import METHODS
 
-INTEGRATIONS = ("diffusion", "vit.transformers", "vit.timm")
-"""The integration modules of ``sdmerge``, in the order they are asked."""
+INTEGRATIONS = (("diffusion", "diffusers"), ("vit.transformers", "transformers"), ("vit.timm", "timm"))
+"""The integration modules of ``sdmerge``, in the order they are asked, each with the library
+whose models it patches."""
 
 
 def _supported_names(integration) -> str:
@@ -26,19 +29,19 @@ def _supported_names(integration) -> str:
     return getattr(integration, "SUPPORTED", integration.__name__)
 
 
-_MODEL_LIBRARIES = ("diffusers", "transformers")
-"""Libraries an integration imports: without one, no model of that library exists to patch."""
-
-
 def _integration_for(model):
-    modules, unavailable = [], []
-    for name in INTEGRATIONS:
-        try:
+    """The integration that accepts ``model``; ``TypeError`` naming what is supported if none does.
+
+    Only integrations whose model library is already imported are asked (and imported): a model
+    of a library cannot exist before that library is imported, so this skips no model and keeps
+    e.g. a ViT's ``apply`` from importing diffusers (hundreds of modules).
+    """
+    modules, not_imported = [], []
+    for name, library in INTEGRATIONS:
+        if library in sys.modules:
             modules.append(importlib.import_module(f"{__package__}.{name}"))
-        except ModuleNotFoundError as error:
-            if (error.name or "").split(".")[0] not in _MODEL_LIBRARIES:
-                raise
-            unavailable.append(f"{name} (needs {error.name}, not installed)")
+        else:
+            not_imported.append(f"{library} models ({library} is not imported)")
     for integration in modules:
         if integration.accepts(model):
             return integration
@@ -47,7 +50,7 @@ def _integration_for(model):
         reason = getattr(integration, "why_unsupported", lambda model: None)(model)
         if reason is not None:
             raise TypeError(f"sdmerge does not support {name}: {reason}")
-    supported = "; ".join([_supported_names(integration) for integration in modules] + unavailable)
+    supported = "; ".join([_supported_names(integration) for integration in modules] + not_imported)
     raise TypeError(f"sdmerge does not support {name}; supported: {supported}")
 
 

@@ -13,18 +13,25 @@ Nothing is recorded outside the ``with`` block, and a patched UNet that is not r
 one ``is None`` test per plan.
 
 ViT / DeiT (transformers): the provenance plan after a chosen block, :func:`vit_provenance_after`.
+
+The diffusion integration (and so diffusers) is imported by :func:`record_plans` only: the
+ViT function works where diffusers is not installed.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .core.plan import MergePlan
 from .vit import blocks, reduction_state
+
+if TYPE_CHECKING:
+    from .diffusion import MergedBlock
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,7 @@ def record_plans(model, blocks=None, steps=None):
     def count_call(module, args, kwargs) -> None:
         call[0] += 1
 
-    def observe(block, plan: MergePlan, grid: tuple[int, int]) -> None:
+    def observe(block: MergedBlock, plan: MergePlan, grid: tuple[int, int]) -> None:
         if wanted_steps is None or call[0] in wanted_steps:
             plans[call[0], block.name] = RecordedPlan(call[0], block.name, plan.labels, plan.num_groups, grid)
 
@@ -117,6 +124,7 @@ def vit_provenance_after(model, pixel_values: Tensor, block: int) -> MergePlan |
     block. ``None``: no block up to ``block`` reduced. Use :func:`sdmerge.visualize.token_labels`
     to drop the protected tokens.
     """
+    reduction_state(model)  # a TypeError for a model that is no ViT, a ValueError for an unpatched one
     layers = blocks(model)  # transformers (either layer layout) or timm
     if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < len(layers):
         raise ValueError(f"block={block!r} must be an int in [0, {len(layers)}) for this {len(layers)}-block model")
@@ -128,3 +136,4 @@ def vit_provenance_after(model, pixel_values: Tensor, block: int) -> MergePlan |
     finally:
         hook.remove()
     return captured[0]
+

@@ -54,7 +54,8 @@ def test_smoke_preset_runs_end_to_end_from_the_command_line(tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines and all(line.startswith(("generating", "FID features")) for line in lines), lines  # no library noise
     assert done.stdout.count("These numbers only check that the machinery runs") >= 2  # said first and last
     rows = read_results(out)
     assert [r["arm"] for r in rows] == ["baseline", "tome_r0.5", "atc_average_r0.5"]

@@ -22,6 +22,15 @@ def test_ci_runs_the_readme_test_command():
     assert test_command in ci_lines
 
 
+def test_ci_installs_what_the_readme_installs_in_the_same_order():
+    main_command, _ = readme_commands()
+    installs = [part.strip().removeprefix("pip install ") for part in main_command.split("&&") if "pip install" in part]
+    assert len(installs) >= 2
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    positions = [ci_lines.index(f"python -m pip install --quiet {arguments}") for arguments in installs]
+    assert positions == sorted(positions)
+
+
 def test_main_command_installs_then_runs_an_existing_script():
     main_command, _ = readme_commands()
     assert main_command.startswith("pip install torch==2.13.0")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +30,8 @@ from sdmerge.vit import reduction_state
 from tests.vit_layout import hf_layers, hf_parts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ROOT = Path(__file__).resolve().parent.parent
 
 METHODS = ("tome", "atc_single", "atc_complete", "atc_average", "cis", "crucial", "topk", "evit")
 TINY = dict(
@@ -545,25 +551,19 @@ def test_class_attention_of_later_blocks_includes_the_size_bias(monkeypatch):
     torch.testing.assert_close(seen_rows[1], probabilities[:, :, 0].float(), rtol=1e-5, atol=1e-6)
 
 
-def test_vit_models_need_no_diffusers(monkeypatch):
-    """Without diffusers (e.g. next to transformers 4), the ViT integrations still dispatch."""
-    import importlib
-
-    import sdmerge.api
-
-    real_import = importlib.import_module
-
-    def import_module(name, missing="diffusers"):
-        if name == "sdmerge.diffusion":
-            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
-        return real_import(name)
-
-    monkeypatch.setattr(sdmerge.api.importlib, "import_module", import_module)
-    model, x = tiny(ViTForImageClassification), images()
-    sdmerge.apply(model, "tome", tokens_per_block=2)
-    assert token_counts(model, x) == [15, 13, 11, 9]
-    with pytest.raises(TypeError, match=r"diffusion \(needs diffusers, not installed\)"):
-        sdmerge.apply(torch.nn.Linear(2, 2))
-    monkeypatch.setattr(sdmerge.api.importlib, "import_module", lambda name: import_module(name, missing="numpyy"))
-    with pytest.raises(ModuleNotFoundError, match="numpyy"):  # any other missing module is a real error
-        sdmerge.apply(model, "tome")
+def test_a_vit_apply_imports_no_diffusers():
+    """Integrations are asked only once their model library is imported: a ViT's apply imports no
+    diffusers (which need not be installed, e.g. next to transformers 4). CI runs the same script
+    against the installed wheel alone."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "check_wheel.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    checked, error = done.stdout.splitlines()
+    assert checked.endswith("diffusers not imported") and str(ROOT / "sdmerge") in checked
+    assert "torch.nn.modules.linear.Linear; supported: ViTModel" in error
+    assert error.endswith("diffusers models (diffusers is not imported); timm models (timm is not imported)")

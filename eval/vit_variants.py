@@ -1,5 +1,5 @@
-"""What ``eval_vit.py`` and ``bench_vit.py`` share: the compared variants of one model and how
-a forward call is timed. Imported by the scripts (their folder is on ``sys.path``)."""
+"""What ``scripts/eval_vit.py`` and ``scripts/bench_vit.py`` share: the compared variants of one
+model and how a forward call is timed."""
 
 from __future__ import annotations
 
