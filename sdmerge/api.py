@@ -4,8 +4,8 @@ Every integration module exposes ``accepts(model) -> bool``, ``apply(model, meth
 **options) -> model`` and ``remove(model) -> None``; the first integration that accepts the
 model handles it. An integration may also expose ``why_unsupported(model) -> str | None``,
 which explains why a model of its family that it does not accept cannot be patched. What
-``r`` (the keep rate) and the options mean depends on the family: ``docs/stable_diffusion.md``
-for diffusion models, ``docs/vit.md`` for ViT/DeiT classifiers.
+``r`` (the keep rate) and the options mean depends on the family; each family declares its
+options once (:mod:`sdmerge.options`), and ``help(sdmerge.apply)`` lists them.
 
 An integration is imported, and asked, only once the library of its models is imported
 (:func:`_integration_for`), so ``import sdmerge`` (the core, ``cluster``) loads neither diffusers
@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import importlib
 import sys
+import textwrap
 
+from .diffusion.config import APPLY_ARGUMENTS, MergeConfig
 from .methods import METHODS
+from .options import describe
+from .vit.options import ReductionOptions
 
 INTEGRATIONS = (("diffusion", "diffusers"), ("vit.transformers", "transformers"), ("vit.timm", "timm"))
 """The integration modules of ``sdmerge``, in the order they are asked, each with the library
@@ -58,7 +62,8 @@ def apply(model, method: str = "tome", r: float | None = None, **options):
     """Patch ``model`` in place to merge tokens with ``method`` at keep rate ``r``; returns it.
 
     ``r`` is the fraction of tokens kept, a real number ``0 < r <= 1``; ``None`` takes the
-    family's default (0.5). Methods and options depend on the model family:
+    family's default (0.5). ``sdmerge.remove(model)`` undoes it exactly. Methods and options
+    (``name: kind = default -- meaning``) depend on the model family:
 
 {families}
     """
@@ -69,29 +74,21 @@ def apply(model, method: str = "tome", r: float | None = None, **options):
 
 
 FAMILIES = (
-    (
-        "sd",
-        "Stable Diffusion (a diffusers UNet2DConditionModel or its pipeline)",
-        "docs/stable_diffusion.md",
-        "max_downsample, sx, sy, use_rand, seed, plan_every, share_plans",
-    ),
-    (
-        "vit",
-        "ViT/DeiT classifiers (transformers, timm)",
-        "docs/vit.md",
-        "stages, tokens_per_block, schedule, prop_attn, cis_score, evit_fusion",
-    ),
+    ("sd", "Diffusion models (diffusers; a model or its pipeline): UNet2DConditionModel (SD-1.x, SD-2.x, SDXL), "
+     "SD3Transformer2DModel (SD3, SD3.5), PixArtTransformer2DModel", MergeConfig, APPLY_ARGUMENTS),
+    ("vit", "ViT/DeiT classifiers (transformers, timm)", ReductionOptions, ()),
 )
-"""``(tag in Method.models, family, where its methods and options are documented, options)``."""
+"""``(tag in Method.models, family, the dataclass declaring its options, fields that are not options)``."""
 
 
 def _families_doc() -> str:
-    """Each family's method names, from ``sdmerge.methods.METHODS``, for :func:`apply`'s docstring."""
-    return "\n".join(
-        f"    {family}, documented in ``{doc}``:\n"
-        f"        methods: {', '.join(name for name, m in METHODS.items() if tag in m.models)}\n"
-        f"        options: {options}"
-        for tag, family, doc, options in FAMILIES
+    """Each family's method names (``sdmerge.methods.METHODS``) and declared options, for :func:`apply`'s docstring."""
+    return "\n\n".join(
+        textwrap.fill(f"{family}:", 100, initial_indent=" " * 4, subsequent_indent=" " * 4) + "\n"
+        + textwrap.fill(", ".join(name for name, m in METHODS.items() if tag in m.models), 100,
+                        initial_indent=" " * 8 + "methods: ", subsequent_indent=" " * 12) + "\n"
+        + f"        options:\n{describe(declaration, indent=' ' * 12, skip=skip)}"
+        for tag, family, declaration, skip in FAMILIES
     )
 
 

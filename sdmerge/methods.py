@@ -85,6 +85,7 @@ class Method:
         split_order: bool = False,
         grid: tuple[int, int] | None = None,
         window: tuple[int, int] | None = None,
+        partial_windows: str = "keep",
     ) -> MergePlan:
         """Group ``metric: [B, N, D]`` so that ``remove`` tokens leave the kept set.
 
@@ -97,7 +98,8 @@ class Method:
         groups in ToMe's ViT order (:func:`~sdmerge.core.bipartite_soft_matching`, ``order="split"``);
         every grouping otherwise keeps the tokens' relative order. ``grid`` ``(h, w)`` and ``window``
         ``(sy, sx)``: the grid grouping's token grid and window; its plan has one group per window
-        (``remove`` tokens go when the windows tile the grid).
+        (``remove`` tokens go when the windows tile the grid); ``partial_windows``: what becomes of
+        the windows the grid's edge cuts (:func:`~sdmerge.core.window_groups`).
         """
         if split_order and not self.needs_split:
             raise ValueError(f"method {self.name!r} has no source/destination split to order tokens by")
@@ -113,7 +115,9 @@ class Method:
         if self.grouping == "grid":
             if grid is None or window is None:
                 raise ValueError(f"method {self.name!r} needs the token grid and the window")
-            return window_groups(metric.shape[0], *grid, *window, sizes=sizes, device=metric.device)
+            return window_groups(
+                metric.shape[0], *grid, *window, sizes=sizes, device=metric.device, partial_windows=partial_windows
+            )
         if self.grouping == "crucial":
             return crucial_token_merging(metric, importance, remove, protected=protected, sizes=sizes)
         if self.grouping == "topk":

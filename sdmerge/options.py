@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import textwrap
 from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 
@@ -62,16 +63,18 @@ def check_names(cls, given, family: str, skip: tuple[str, ...] = ()) -> None:
         raise TypeError(f"unknown option {', '.join(unknown)} for {family}; accepted options: {listed}")
 
 
-def describe(cls, indent: str = "    ", skip: tuple[str, ...] = ()) -> str:
-    """One line per declared option of ``cls``: ``name: kind = default -- meaning``."""
-    lines = []
+def describe(cls, indent: str = "    ", skip: tuple[str, ...] = (), width: int = 100) -> str:
+    """Each declared option of ``cls`` but ``skip``: ``name: kind = default -- meaning``, wrapped
+    at ``width`` columns."""
+    entries = []
     for f in declared(cls):
         if f.name in skip:
             continue
         default = "" if f.default is MISSING else f" = {f.default!r}"
         models = f" ({f.metadata['models']})" if f.metadata["models"] else ""
-        lines.append(f"{indent}{f.name}: {f.metadata['check'].kind}{default}{models} -- {f.metadata['meaning']}")
-    return "\n".join(lines)
+        text = f"{f.name}: {f.metadata['check'].kind}{default}{models} -- {f.metadata['meaning']}"
+        entries.append(textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent + "    "))
+    return "\n".join(entries)
 
 
 # --- checks shared by the families -----------------------------------------------------------------

@@ -9,7 +9,6 @@ import logging
 import pydoc
 import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,15 +289,26 @@ def test_max_downsample_must_be_a_power_of_two():
 # --- 7, 8. help and ControlNets -----------------------------------------------------------------
 
 
-def test_help_lists_every_method_of_each_family_and_where_its_options_are_documented():
+def test_help_lists_every_method_and_every_declared_option_of_each_family():
+    """help(sdmerge.apply) is built from the declarations: every method of each family, and every
+    option with its kind, default and meaning; no pointer to files an installed package lacks."""
+    from dataclasses import MISSING
+
+    from sdmerge.api import FAMILIES
+    from sdmerge.options import declared
+
     text = pydoc.render_doc(sdmerge.apply, renderer=pydoc.plaintext)
-    lines = text.splitlines()
-    repository = Path(__file__).resolve().parent.parent
-    for tag, doc in (("sd", "docs/stable_diffusion.md"), ("vit", "docs/vit.md")):
-        header = next(i for i, line in enumerate(lines) if f"documented in ``{doc}``" in line)
-        methods = lines[header + 1].strip().removeprefix("methods: ").split(", ")
-        assert methods == [name for name, m in METHODS.items() if tag in m.models]
-        assert (repository / doc).is_file()
+    assert "docs/" not in text
+    flat = " ".join(text.split())
+    for tag, _, declaration, skip in FAMILIES:
+        methods = ", ".join(name for name, m in METHODS.items() if tag in m.models)
+        assert f"methods: {methods}" in flat
+        for f in declared(declaration):
+            if f.name in skip:
+                continue
+            head = f"{f.name}: {f.metadata['check'].kind}" + ("" if f.default is MISSING else f" = {f.default!r}")
+            assert head in flat, head
+            assert " ".join(f.metadata["meaning"].split()) in flat, f.name
 
 
 def test_a_controlnet_is_refused_with_what_to_pass_instead():

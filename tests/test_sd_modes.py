@@ -126,6 +126,32 @@ def test_kv_only_grid_is_todo_average_pooling_of_keys_and_values(inputs):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_grid_kv_only_with_dropped_partial_windows_is_todos_avg_pool_on_any_grid():
+    """partial_windows='drop': on a 9x13 latent (a grid the 2x2 window does not tile) the keys and
+    values are avg_pool2d's, which drops the last row and column: 4x6 keys, all queries."""
+    unet = sd15_unet()
+    inputs = unet_inputs(size=(9, 13))
+    block = unet.get_submodule(SD15_MERGED[0])
+    sdmerge.apply(unet, "grid", r=0.25, kv_only=True, partial_windows="drop")
+    with Capture(block) as calls:
+        forward(unet, *inputs)
+    h, out = calls[0].h, calls[0].out
+    pooled = F.avg_pool2d(h.transpose(1, 2).reshape(2, -1, 9, 13), 2).flatten(2).transpose(1, 2)
+    assert pooled.shape[1] == 4 * 6
+    with torch.no_grad():
+        expected = AttnProcessor2_0()(block.attn1, h, encoder_hidden_states=pooled)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    sdmerge.apply(unet, "grid", r=0.25, kv_only=True)  # the default keeps the cut windows: not avg_pool's keys
+    with Capture(block) as calls:
+        forward(unet, *inputs)
+    assert (calls[0].out - expected).abs().max() > 1e-4
+    for options in ({}, {"kv_only": True, "merge_mlp": True}):
+        with pytest.raises(ValueError, match="partial_windows='drop' .* needs method='grid' with kv_only=True"):
+            sdmerge.apply(unet, "grid", r=0.25, partial_windows="drop", **options)
+    with pytest.raises(ValueError, match="partial_windows='cut' is not allowed; allowed: 'keep', 'drop'"):
+        sdmerge.apply(unet, "grid", r=0.25, kv_only=True, partial_windows="cut")
+
+
 @pytest.mark.parametrize("method", SD_METHODS)
 def test_kv_only_works_with_every_method(method, inputs):
     unet = sd15_unet()

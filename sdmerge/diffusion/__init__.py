@@ -24,17 +24,36 @@ branch), ``prompt_importance`` (cis / crucial), ``state`` (what is installed) an
 Serving and training: per-call state belongs to the call, so threads may share one patched
 model; a pipeline call is one generation; a block re-run by gradient checkpointing reuses the
 plan of its forward (:mod:`sdmerge.diffusion.call`, :mod:`sdmerge.diffusion.generation`).
+
+Importing this package imports no diffusers: :mod:`.config` (the declared options) is read by
+``help(sdmerge.apply)``; the names below load the integration (and diffusers) on first use.
 """
 
-from .config import MergeConfig
-from .merged_block import MergedBlock
-from .models import LAYOUTS
-from .patch import accepts, apply, find_denoiser, merged_blocks, new_generation, remove, why_unsupported
+from importlib import import_module as _import_module
 
-SUPPORTED = "; ".join(family.SUPPORTED for family in LAYOUTS)
-"""What :func:`apply` accepts."""
+_EXPORTS = {
+    "MergeConfig": "config",
+    "MergedBlock": "merged_block",
+    "LAYOUTS": "models",
+    "SUPPORTED": "patch",
+    "accepts": "patch",
+    "apply": "patch",
+    "find_denoiser": "patch",
+    "merged_blocks": "patch",
+    "new_generation": "patch",
+    "remove": "patch",
+    "why_unsupported": "patch",
+}
+"""Each public name and the submodule that defines it."""
 
-__all__ = [
-    "SUPPORTED", "MergeConfig", "MergedBlock", "accepts", "apply", "find_denoiser", "merged_blocks", "new_generation",
-    "remove", "why_unsupported",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(_import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core import check_keep_rate, window_for_keep_rate
+from ..core.grid import PARTIAL_WINDOWS
 from ..methods import METHODS, get_method
-from ..options import BOOLEAN, Check, check_fields, check_names, integer, option, optional, real_pair
+from ..options import BOOLEAN, Check, check_fields, check_names, choice, integer, option, optional, real_pair
 
 FAMILY = "diffusion models (UNet, SD3, PixArt)"
 """How errors name this family of options."""
@@ -104,6 +105,10 @@ class MergeConfig:
         False, BOOLEAN, "the self-attention keeps every query and takes merged keys and values, with proportional "
         "attention (ToDo)",
     )
+    partial_windows: str = option(
+        "keep", choice(*PARTIAL_WINDOWS), "grid: windows cut by the grid's right or bottom edge stay as smaller "
+        "groups ('keep'), or their tokens give no keys and values ('drop', ToDo's average pooling; needs kv_only)",
+    )
     timestep_range: tuple[float, float] | None = option(
         None, optional(TIMESTEP_RANGE), "merge only in model calls whose timestep t has low <= t <= high, in the "
         "scheduler's timestep units (999 = pure noise for SD); None: every call",
@@ -138,6 +143,12 @@ class MergeConfig:
             raise ValueError("kv_only=True merges the keys and values of the self-attention: it needs merge_attn=True")
         if method.grouping == "grid":
             window_for_keep_rate(self.keep_rate)  # raises for a keep rate that is not 1/n
+        if self.partial_windows == "drop" and (method.grouping != "grid" or not self.kv_only or self.merge_crossattn
+                                               or self.merge_mlp):
+            raise ValueError(
+                "partial_windows='drop' leaves the tokens of cut windows out of the keys and values, so they have no "
+                "merged output: it needs method='grid' with kv_only=True, and no merge_crossattn or merge_mlp"
+            )
         if method.needs_split:
             # One destination per full window: the sources are at least N (1 - 1/(sx sy)), and
             # exactly that on grids the windows tile, so this bound is reachable on every grid.

@@ -92,8 +92,12 @@ class MergedBlock:
         method = self.state.method
         split = self._split(call, grid, metric.device) if method.needs_split else None
         importance = self._importance(call, attn, args, kwargs) if method.needs_importance else None
-        window = self.state.config.window if method.grouping == "grid" else None
-        plan = method.plan(metric, remove, importance=importance, split=split, grid=grid, window=window)
+        config = self.state.config
+        window = config.window if method.grouping == "grid" else None
+        plan = method.plan(
+            metric, remove, importance=importance, split=split, grid=grid, window=window,
+            partial_windows=config.partial_windows,
+        )
         if importance is not None and method.needs_split and isinstance(call.starts_generation, Tensor):
             plan = UnweightedAtStart(plan, call.starts_generation)  # cis: tome where a generation starts
         return plan, method.weights(None, importance)

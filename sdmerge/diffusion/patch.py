@@ -11,6 +11,9 @@ from .state import MergeState
 
 _STATE_ATTRIBUTE = "_sdmerge"
 
+SUPPORTED = "; ".join(family.SUPPORTED for family in LAYOUTS)
+"""What :func:`apply` accepts."""
+
 logger = logging.getLogger(__name__)
 
 

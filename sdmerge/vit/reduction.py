@@ -19,6 +19,7 @@ This module holds everything that does not depend on the model library:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -33,6 +34,9 @@ from ..core import (
 )
 from ..methods import Method, get_method
 from .schedule import TokenSchedule, check_schedule, make_schedule
+
+if TYPE_CHECKING:
+    from .options import ReductionOptions
 
 
 def class_token_attention(query: Tensor, key: Tensor, scaling: float, bias: Tensor | None = None) -> Tensor:
@@ -120,24 +124,24 @@ class ReductionConfig:
 
     @classmethod
     def from_options(
-        cls, method: str, depth: int, num_tokens: int, protected: int, r, *, stages, tokens_per_block, schedule, prop_attn,
-        cis_score=None, evit_fusion=None,
+        cls, method: str, depth: int, num_tokens: int, protected: int, r, options: "ReductionOptions"
     ) -> "ReductionConfig":
-        """Check the user's options of ``sdmerge.apply`` for a ``depth``-block model with
-        ``num_tokens`` input tokens (``protected`` of them prefix tokens) and build the config.
+        """Build the config of ``sdmerge.apply(model, method, r, **options)`` for a ``depth``-block
+        model with ``num_tokens`` input tokens (``protected`` of them prefix tokens).
 
         Raises ``ValueError`` for an unknown method, an invalid or ambiguous schedule
         (:func:`~sdmerge.vit.schedule.make_schedule`), one the method cannot follow at ``num_tokens``,
-        a ``cis_score`` that is not one of :data:`CIS_SCORES` or given with another method than ``cis``,
-        or an ``evit_fusion`` that is not one of :data:`EVIT_FUSIONS` or given with another method than ``evit``.
+        or a ``cis_score`` / ``evit_fusion`` given with another method than ``cis`` / ``evit``.
         """
-        if not isinstance(prop_attn, bool):
-            raise ValueError(f"prop_attn={prop_attn!r} must be True or False")
         chosen = get_method(method, "vit")
-        cis_score = method_formula("cis_score", cis_score, CIS_SCORES, "a CIS formula", "cis", chosen)
-        evit_fusion = method_formula("evit_fusion", evit_fusion, EVIT_FUSIONS, "an EViT fusion rule", "evit", chosen)
-        token_schedule = make_schedule(depth, r, stages=stages, tokens_per_block=tokens_per_block, schedule=schedule)
-        config = cls(chosen, token_schedule, protected, prop_attn, cis_score, evit_fusion)
+        cis_score = method_formula("cis_score", options.cis_score, CIS_SCORES, "a CIS formula", "cis", chosen)
+        evit_fusion = method_formula(
+            "evit_fusion", options.evit_fusion, EVIT_FUSIONS, "an EViT fusion rule", "evit", chosen
+        )
+        token_schedule = make_schedule(
+            depth, r, stages=options.stages, tokens_per_block=options.tokens_per_block, schedule=options.schedule
+        )
+        config = cls(chosen, token_schedule, protected, options.prop_attn, cis_score, evit_fusion)
         config.removals(num_tokens)  # validate now, not at the first call
         return config
 

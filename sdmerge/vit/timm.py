@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .patch import ModelPatch, latest_state, remove_patch
+from .options import ReductionOptions
 from .reduction import ReductionConfig, ReductionState
 
 SUPPORTED = "timm VisionTransformer (with timm installed)"
@@ -50,26 +51,14 @@ def accepts(model) -> bool:
     return classes is not None and isinstance(model, classes[0])
 
 
-def apply(
-    model,
-    method: str = "tome",
-    r: float | None = None,
-    *,
-    stages=None,
-    tokens_per_block: int | None = None,
-    schedule: str | None = None,
-    prop_attn: bool = True,
-    cis_score: str | None = None,
-    evit_fusion: str | None = None,
-):
+def apply(model, method: str = "tome", r: float | None = None, **options):
     """Patch a timm ``VisionTransformer`` in place; options as :func:`sdmerge.vit.transformers.apply`."""
     if not accepts(model):
         raise TypeError(f"sdmerge.vit.timm supports timm VisionTransformer models; got {type(model).__name__}")
     _check_model(model)
     config = ReductionConfig.from_options(
         method, len(model.blocks), model.patch_embed.num_patches + model.num_prefix_tokens, model.num_prefix_tokens, r,
-        stages=stages, tokens_per_block=tokens_per_block, schedule=schedule, prop_attn=prop_attn,
-        cis_score=cis_score, evit_fusion=evit_fusion,
+        ReductionOptions.from_options(options),
     )
     if config.method.needs_importance and not model.has_class_token:
         raise ValueError(f"method {method!r} ranks tokens by class-token attention; this model has no class token")

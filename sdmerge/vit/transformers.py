@@ -51,6 +51,7 @@ from transformers import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .patch import ModelPatch, latest_state, remove_patch
+from .options import ReductionOptions
 from .reduction import ReductionConfig, ReductionState
 
 SUPPORTED_CLASSES = (
@@ -80,42 +81,19 @@ def check_attention_implementation(implementation: str, prop_attn: bool) -> None
         )
 
 
-def apply(
-    model,
-    method: str = "tome",
-    r: float | None = None,
-    *,
-    stages=None,
-    tokens_per_block: int | None = None,
-    schedule: str | None = None,
-    prop_attn: bool = True,
-    cis_score: str | None = None,
-    evit_fusion: str | None = None,
-):
+def apply(model, method: str = "tome", r: float | None = None, **options):
     """Patch a transformers ViT/DeiT model in place to merge tokens; returns ``model``.
 
-    Args:
-        method: ``tome``, ``atc_single``, ``atc_complete``, ``atc_average``, ``cis``, ``crucial``,
-            ``topk`` or ``evit``.
-        r: keep rate at each stage, ``0 < r <= 1`` (stage protocol: ``floor(P r^s)`` of the ``P``
-            patch tokens are kept after stage ``s``); ``None``: 0.5.
-        stages: 0-based indices of the reducing blocks (default ``floor(k L / 4)``, k = 1, 2, 3:
-            blocks 3, 6, 9 of a 12-block model).
-        tokens_per_block: tokens removed in every block instead (per-block protocol); not
-            together with ``r`` or ``stages``.
-        schedule: ``"constant"`` (default) or ``"linear"`` (ToMe's ``floor(2t - 2tl/(L-1))``),
-            with ``tokens_per_block`` only.
-        prop_attn: proportional attention (``+ log(size)`` on the logits) for merged tokens; the
-            pruning methods ``topk``/``evit`` have none to weight.
-        cis_score: ``cis`` only: ``"code"`` (default, ``mean_h(A_cls) * ||mean_h(V)||``, the ToMeCIS
-            code) or ``"paper"`` (``mean_h(A_cls * ||V||)``, the paper's text).
-        evit_fusion: ``evit`` only: ``"code"`` (default, fused token ``sum_i a_i x_i``, EViT's code)
-            or ``"paper"`` (``sum_i a_i x_i / sum_i a_i``, the paper's weighted average).
+    ``method``: ``tome``, ``atc_single``, ``atc_complete``, ``atc_average``, ``cis``, ``crucial``,
+    ``topk`` or ``evit``. ``r``: keep rate at each stage, ``0 < r <= 1`` (stage protocol:
+    ``floor(P r^s)`` of the ``P`` patch tokens are kept after stage ``s``); ``None``: 0.5.
+    ``options``: :class:`~sdmerge.vit.options.ReductionOptions` (``stages``, ``tokens_per_block``,
+    ``schedule``, ``prop_attn``, ``cis_score``, ``evit_fusion``).
 
-    Raises ``TypeError`` for an unsupported model and ``ValueError`` for an unknown method, an
-    ambiguous or invalid schedule, or one that asks a block for more removals than the method
-    can make at the model's token count. Applying again replaces the previous patch; a
-    request that fails leaves the model as it was.
+    Raises ``TypeError`` for an unsupported model or an unknown option (listing the accepted
+    ones), and ``ValueError`` for an unknown method, an ambiguous or invalid schedule, or one that
+    asks a block for more removals than the method can make at the model's token count. Applying
+    again replaces the previous patch; a request that fails leaves the model as it was.
     """
     if not accepts(model):
         raise TypeError(f"sdmerge.vit.transformers supports {SUPPORTED}; got {type(model).__name__}")
@@ -124,8 +102,7 @@ def apply(
     protected = 2 if isinstance(base, DeiTModel) else 1  # DeiTEmbeddings always add a distillation token
     config = ReductionConfig.from_options(
         method, len(layers), base.embeddings.patch_embeddings.num_patches + protected, protected, r,
-        stages=stages, tokens_per_block=tokens_per_block, schedule=schedule, prop_attn=prop_attn,
-        cis_score=cis_score, evit_fusion=evit_fusion,
+        ReductionOptions.from_options(options),
     )
     check_attention_implementation(base.config._attn_implementation, config.proportional_attention)
     remove(model)
