@@ -73,7 +73,9 @@ def describe(cls, indent: str = "    ", skip: tuple[str, ...] = (), width: int =
         default = "" if f.default is MISSING else f" = {f.default!r}"
         models = f" ({f.metadata['models']})" if f.metadata["models"] else ""
         text = f"{f.name}: {f.metadata['check'].kind}{default}{models} -- {f.metadata['meaning']}"
-        entries.append(textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent + "    "))
+        entries.append(
+            textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent + "    ", break_on_hyphens=False)
+        )
     return "\n".join(entries)
 
 

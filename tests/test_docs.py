@@ -44,6 +44,15 @@ def doc_pipeline():
     return pipe
 
 
+def doc_sd3_pipeline():
+    """A tiny Stable Diffusion 3 pipeline (tests.tiny_dit) for a downloaded one."""
+    from tests.tiny_dit import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def doc_vit():
     """A tiny transformers ViT classifier with 12 blocks and the docs' 14 x 14 token grid."""
     from transformers import ViTConfig, ViTForImageClassification
@@ -73,6 +82,7 @@ def on_cpu(to: Callable) -> Callable:
 
 STAND_INS: dict[str, Callable[[Any], Any]] = {
     "diffusers.StableDiffusionPipeline.from_pretrained": lambda original: lambda *args, **kwargs: doc_pipeline(),
+    "diffusers.StableDiffusion3Pipeline.from_pretrained": lambda original: lambda *args, **kwargs: doc_sd3_pipeline(),
     "diffusers.DiffusionPipeline.to": on_cpu,
     "transformers.AutoModelForImageClassification.from_pretrained": lambda original: lambda *a, **k: doc_vit(),
     "timm.create_model": lambda original: lambda *args, **kwargs: doc_timm_vit(),

@@ -437,7 +437,7 @@ def test_unsupported_model_is_a_type_error_naming_what_is_supported():
         (dict(method="tome", r=0.5, tokens_per_block=2), "ambiguous request: r=0.5"),  # explicit r, even the default value
         (dict(method="tome", stages=(1,), tokens_per_block=2), "ambiguous request: stages"),
         (dict(method="tome", schedule="linear"), "pass tokens_per_block"),
-        (dict(method="tome", tokens_per_block=2, schedule="cosine"), "unknown schedule 'cosine'.*constant, linear"),
+        (dict(method="tome", tokens_per_block=2, schedule="cosine"), "schedule='cosine' is not allowed; allowed: 'constant', 'linear'"),
         (dict(method="tome", tokens_per_block=-1), "tokens_per_block=-1"),
         (dict(method="tome", r=1.5), "outside the allowed range"),
         (dict(method="tome", r=0.7, stages=(4,)), r"stages \[4\] are outside the model's blocks 0..3"),
@@ -446,7 +446,6 @@ def test_unsupported_model_is_a_type_error_naming_what_is_supported():
         (dict(method="tome", r=0.25), "remove 12 of 17 tokens in block 1.*at most 8"),
         (dict(method="tome", tokens_per_block=5), "remove 5 of 7 tokens in block 2.*at most 3"),
         (dict(method="topk", tokens_per_block=6), "remove 6 of 5 tokens in block 2.*at most 3"),
-        (dict(method="tome", prop_attn="yes"), "prop_attn='yes'"),
     ],
 )
 def test_bad_requests_raise_clear_errors(options, message):
@@ -455,6 +454,16 @@ def test_bad_requests_raise_clear_errors(options, message):
     with pytest.raises(ValueError, match=message):
         sdmerge.apply(model, **options)
     assert torch.equal(output_of(model, x), reference)  # nothing was left half-patched
+
+
+def test_options_of_the_wrong_type_or_name_raise_type_errors_listing_the_options():
+    model = tiny(ViTForImageClassification)
+    with pytest.raises(TypeError, match="prop_attn must be True or False, got 'yes'"):
+        sdmerge.apply(model, "tome", prop_attn="yes")
+    accepted = (r"unknown option max_downsample for ViT/DeiT classifiers; accepted options: stages: sequence of "
+                r"ints or None = None; tokens_per_block: int >= 0 or None = None; schedule: .*; prop_attn: bool = True")
+    with pytest.raises(TypeError, match=accepted):
+        sdmerge.apply(model, "tome", max_downsample=2)
 
 
 def test_default_stages_need_four_blocks():

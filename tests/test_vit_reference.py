@@ -376,11 +376,11 @@ def test_cis_score_formulas_and_the_order_change_the_logits(name):
 
 def test_formula_options_are_validated():
     model = hf_vit()[0]
-    with pytest.raises(ValueError, match="cis_score='mean' is not a CIS formula; allowed: code, paper"):
+    with pytest.raises(ValueError, match="cis_score='mean' is not allowed; allowed: 'code', 'paper'"):
         sdmerge.apply(model, "cis", cis_score="mean")
     with pytest.raises(ValueError, match="cis_score='paper' applies to method 'cis' only, not 'tome'"):
         sdmerge.apply(model, "tome", cis_score="paper")
-    with pytest.raises(ValueError, match="evit_fusion='mean' is not an EViT fusion rule; allowed: code, paper"):
+    with pytest.raises(ValueError, match="evit_fusion='mean' is not allowed; allowed: 'code', 'paper'"):
         sdmerge.apply(model, "evit", evit_fusion="mean")
     with pytest.raises(ValueError, match="evit_fusion='paper' applies to method 'evit' only, not 'topk'"):
         sdmerge.apply(model, "topk", evit_fusion="paper")

@@ -65,16 +65,12 @@ EVIT_FUSIONS = ("code", "paper")
 "Which tokens to use?"), or ``"paper"``, that sum divided by ``sum_i a_i`` (:func:`sdmerge.core.evit_merge`)."""
 
 
-def method_formula(
-    option: str, value: str | None, allowed: tuple[str, ...], what: str, owner: str, method: Method
-) -> str:
-    """The checked value of a formula option that only method ``owner`` has (``cis_score``,
-    ``evit_fusion``): ``allowed[0]`` when ``None``; ``ValueError`` for a value not in ``allowed`` or
-    for the option given with another method."""
+def method_formula(option: str, value: str | None, default: str, owner: str, method: Method) -> str:
+    """The value of a formula option that only method ``owner`` has (``cis_score``, ``evit_fusion``;
+    its value is checked by its declaration, :mod:`sdmerge.vit.options`): ``default`` when ``None``;
+    ``ValueError`` for the option given with another method."""
     if value is None:
-        return allowed[0]
-    if value not in allowed:
-        raise ValueError(f"{option}={value!r} is not {what}; allowed: {', '.join(allowed)}")
+        return default
     if method.name != owner:
         raise ValueError(f"{option}={value!r} applies to method {owner!r} only, not {method.name!r}")
     return value
@@ -134,10 +130,8 @@ class ReductionConfig:
         or a ``cis_score`` / ``evit_fusion`` given with another method than ``cis`` / ``evit``.
         """
         chosen = get_method(method, "vit")
-        cis_score = method_formula("cis_score", options.cis_score, CIS_SCORES, "a CIS formula", "cis", chosen)
-        evit_fusion = method_formula(
-            "evit_fusion", options.evit_fusion, EVIT_FUSIONS, "an EViT fusion rule", "evit", chosen
-        )
+        cis_score = method_formula("cis_score", options.cis_score, CIS_SCORES[0], "cis", chosen)
+        evit_fusion = method_formula("evit_fusion", options.evit_fusion, EVIT_FUSIONS[0], "evit", chosen)
         token_schedule = make_schedule(
             depth, r, stages=options.stages, tokens_per_block=options.tokens_per_block, schedule=options.schedule
         )
