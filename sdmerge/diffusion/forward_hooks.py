@@ -3,16 +3,24 @@
 PyTorch's module hooks (``register_forward_pre_hook``) are not guarded by ``torch.compile``
 (dynamo's ``skip_nnmodule_hook_guards``): code compiled before a hook was added or removed keeps
 running without it, or with it. An instance attribute ``forward`` is guarded: when it appears,
-changes or goes, compiled code is traced again. So sdmerge runs its hooks inside a wrapper it sets
-as the module's ``forward`` (as diffusers' own hooks and sdmerge's ViT integration do). A hook
-is one function around the call:
+changes or goes, compiled code is traced again. So sdmerge runs its hooks inside a wrapper of the
+module's ``forward`` (as diffusers' own hooks and sdmerge's ViT integration do). A hook is one
+function around the call:
 
     around(module, forward, args, kwargs) -> output      # forward(*args, **kwargs): the wrapped forward
 
 Hooks other code registers with PyTorch keep working around the wrapper (they see the module's
-call as made). :meth:`ForwardHook.remove` puts back what ``forward`` was; if other code has
-wrapped ``forward`` again since (a diffusers cache applied after sdmerge), that wrapper keeps
-calling this one, which then only passes the call through.
+call as made).
+
+diffusers' hooks (its caches: ``apply_first_block_cache``, ``apply_pyramid_attention_broadcast``,
+``enable_cache``, ...) wrap ``forward`` too, through a ``HookRegistry`` on the module, which on
+removing its last hook sets ``module.forward`` back to what it wrapped. So that such a removal
+never drops sdmerge's wrapper, and sdmerge's removal never drops theirs, sdmerge's wrapper always
+sits *inside* diffusers' hooks, right around the module's own forward: on a module that already
+has them, it takes the place of the innermost forward their chain calls; a diffusers hook added
+later wraps sdmerge's wrapper as that module's forward. :meth:`ForwardHook.remove` puts back what
+it replaced where it still can, and otherwise (something else now holds a reference to it)
+leaves it in place, passing calls through.
 """
 
 from __future__ import annotations
@@ -23,30 +31,48 @@ from torch import nn
 
 
 def passing_through(module: nn.Module, forward: Callable, args: tuple, kwargs: dict):
-    """The hook of a removed :class:`ForwardHook` that another wrapper still calls."""
+    """The hook of a removed :class:`ForwardHook` that something else still calls."""
     return forward(*args, **kwargs)
 
 
+def _innermost_reference(module: nn.Module):
+    """``(reference, field)``: where diffusers' hook chain on ``module`` keeps the forward it calls
+    innermost (its first hook's ``original_forward``, or ``forward`` for a hook without its own
+    ``new_forward``); ``None`` without diffusers hooks on the module."""
+    references = getattr(getattr(module, "_diffusers_hook", None), "_fn_refs", None)
+    if not references:
+        return None
+    innermost = references[0]
+    return innermost, ("original_forward" if getattr(innermost, "original_forward", None) is not None else "forward")
+
+
 class ForwardHook:
-    """``around`` the forward of ``module``, installed as its ``forward`` attribute."""
+    """``around`` the forward of ``module``, installed as its ``forward`` (inside diffusers' hooks)."""
 
     def __init__(self, module: nn.Module, around: Callable):
         self.module = module
         self.around = around
-        self.wrapped = module.forward  # the class's forward, or whatever instance forward was there
-        self._previous = module.__dict__.get("forward")
-        self._installed = self.forward  # one bound method, to recognise it in the module later
-        module.forward = self._installed
+        self._installed = self.forward  # one bound method, to recognise it later
+        slot = _innermost_reference(module)
+        if slot is not None:  # inside diffusers' hook chain
+            self.wrapped = getattr(*slot)
+            setattr(*slot, self._installed)
+        else:
+            self.wrapped = module.forward  # the class's forward, or whatever instance forward was there
+            module.forward = self._installed
 
     def forward(self, *args, **kwargs):
         return self.around(self.module, self.wrapped, args, kwargs)
 
     def remove(self) -> None:
-        """Put back the ``forward`` that was there; a pass-through if it was wrapped again since."""
+        """Put back what this wrapper replaced; a pass-through where that is no longer possible."""
         self.around = passing_through
-        if self.module.__dict__.get("forward") is not self._installed:
+        if self.module.__dict__.get("forward") is self._installed:  # outermost
+            if self.wrapped == type(self.module).forward.__get__(self.module):
+                del self.module.forward  # the class's own forward again
+            else:
+                self.module.forward = self.wrapped
             return
-        if self._previous is None:
-            del self.module.forward
-        else:
-            self.module.forward = self._previous
+        slot = _innermost_reference(self.module)  # inside diffusers' hooks (added before or after this one)
+        if slot is not None and getattr(*slot) is self._installed:
+            setattr(*slot, self.wrapped)
