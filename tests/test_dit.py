@@ -13,7 +13,8 @@ import sdmerge
 from sdmerge.core import proportional_attention_bias
 from sdmerge.core.plan import MergePlan
 from sdmerge.diffusion import merged_blocks
-from sdmerge.diffusion.models.sd3 import joint_attention_with_merged_keys
+from sdmerge.diffusion.layout import AttentionTokens
+from sdmerge.diffusion.models.sd3 import joint_attention_on_merged_tokens
 from sdmerge.diffusion.prompt_importance import joint_attention_mass, prompt_attention_mass
 from sdmerge.methods import METHODS
 from tests.tiny_dit import (
@@ -179,7 +180,9 @@ def test_joint_attention_over_groups_of_identical_tokens_equals_the_unmerged_att
         expected = attn(**kwargs)
         plan = MergePlan(groups.expand(2, -1).contiguous(), 4)
         bias = proportional_attention_bias(plan.merged_sizes, hidden_states.dtype)
-        got = joint_attention_with_merged_keys(attn, (), kwargs, plan.merge(hidden_states), bias)
+        merged = plan.merge(hidden_states)
+        tokens = AttentionTokens(hidden_states, merged, kwargs.get("encoder_hidden_states"), bias, plan, None, False, None)
+        got = joint_attention_on_merged_tokens(attn, (), kwargs, tokens)
     for a, b in zip(got if context else (got,), expected if context else (expected,)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
@@ -218,7 +221,7 @@ def test_joint_attention_mass_is_the_attention_the_prompt_pays_to_each_image_tok
         k = torch.cat([attn.norm_k(heads(attn.to_k(image))), attn.norm_added_k(heads(attn.add_k_proj(text)))], dim=2)
         full = (q @ k.transpose(-1, -2) / math.sqrt(8)).softmax(dim=-1)  # [B, H, 9, 9]
         expected = full[:, :, 6:, :6].mean(dim=(1, 2))
-        got = joint_attention_mass(attn, (), {"hidden_states": image, "encoder_hidden_states": text})
+        got = joint_attention_mass(attn, image, text)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     assert got.shape == (2, 6) and (got > 0).all() and (got.sum(dim=1) < 1).all()
 

@@ -6,14 +6,22 @@ merged tokens and is unmerged after it (tomesd's ``m_a``, ``m_c``, ``m_m`` and `
 
     y = unmerge(branch(merge(h)))        h: [B, N, C] -> merge -> [B, M, C] -> branch -> unmerge -> [B, N, C]
 
-The self-attention's pre-hook makes the block's plan (:meth:`MergedBlock.plan`) whichever
-branches merge; the later branches use it. With ``kv_only`` the self-attention instead keeps all
-``N`` queries and takes its keys and values from the ``M`` merged tokens, each weighted by the
-number of tokens it stands for (proportional attention, ToMe eq. 1):
+The self-attention makes the block's plan (:meth:`MergedBlock.plan`) whichever branches merge
+(a single-stream block: its norm, which runs first); the later branches use it. With ``kv_only``
+the self-attention instead keeps all ``N`` queries and takes its keys and values from the ``M``
+merged tokens, each weighted by the number of tokens it stands for (proportional attention, ToMe
+eq. 1):
 
     attn(h) = softmax(q(h) k(merge(h))^T / sqrt(d) + log(sizes)) v(merge(h))      [B, N, C]
 
-so a group of ``s`` identical tokens gets exactly the attention its ``s`` tokens would get.
+so a group of ``s`` identical tokens gets exactly the attention its ``s`` tokens would get
+(``prop_attn=True`` adds the same bias when the queries are merged too).
+
+Only image tokens are merged. Where a module receives the prompt's tokens first and the image
+tokens after them in one sequence (a single-stream block, ``Branch.text_first``), only the last
+``N`` tokens are merged and unmerged. A single-stream block's body (attention and MLP on one
+normed sequence, one output projection) can also run merged as a whole (:class:`SpanStart`,
+:class:`SpanEnd`), every token keeping its own residual.
 
 The hooks wrap the branch modules' forward (:mod:`sdmerge.diffusion.forward_hooks`), not their
 attention processors: whatever processor a layer has (set before or after ``apply``: attention
@@ -24,13 +32,14 @@ module called outside a call of the patched model) the branch runs unmerged.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..core import proportional_attention_bias
 from ..core.plan import MergePlan
 from .call import CurrentCall
 from .config import MergeConfig
-from .layout import Branch
+from .layout import AttentionTokens, Branch
 from .merged_block import MergedBlock
 
 
@@ -47,22 +56,48 @@ def merged_keys_and_values(plan: MergePlan, weights: Tensor | None, hidden_state
     return merged
 
 
+def _split(sequence: Tensor, count: int, text_first: bool) -> tuple[Tensor | None, Tensor]:
+    """``(prompt tokens or None, the last count image tokens)`` of a ``[B, S, C]`` sequence."""
+    if not text_first:
+        return None, sequence
+    return sequence[:, : sequence.shape[1] - count], sequence[:, sequence.shape[1] - count :]
+
+
+def _joined(prefix: Tensor | None, image: Tensor) -> Tensor:
+    return image if prefix is None else torch.cat([prefix, image], dim=1)
+
+
+def _unmerged(plan: MergePlan, sequence: Tensor, text_first: bool) -> Tensor:
+    """``sequence`` ``[B, (T +) M, C]`` with its last ``M`` (image) tokens unmerged to ``N``."""
+    prefix, image = _split(sequence, plan.num_groups, text_first)
+    return _joined(prefix, plan.unmerge(image))
+
+
+def _replaced(output, index: int | None, value):
+    """``output`` with ``value`` in place of its element ``index`` (``None``: of itself)."""
+    if index is None:
+        return value
+    return (*output[:index], value, *output[index + 1 :])
+
+
 def _unmerged_output(branch: Branch, plan: MergePlan, output):
     """``output`` with its image tokens ``[B, M, C]`` unmerged to ``[B, N, C]``."""
-    if branch.output is None:
-        return plan.unmerge(output)
-    return (*output[: branch.output], plan.unmerge(output[branch.output]), *output[branch.output + 1 :])
+    part = output if branch.output is None else output[branch.output]
+    return _replaced(output, branch.output, _unmerged(plan, part, branch.text_first))
 
 
 class SelfAttentionBranch:
     """Around a merged block's self-attention: make the block's plan; run the attention on merged
     tokens and unmerge its output (``merge_attn``), or give it merged keys and values
-    (``kv_only``: the layout's :attr:`~.layout.Branch.keys_values`, or diffusers' self-attention
-    taking them as ``encoder_hidden_states``), or leave it unchanged (``merge_attn=False``: only
-    later branches merge)."""
+    (``kv_only``), or leave it unchanged (``merge_attn=False``: only later branches merge).
 
-    def __init__(self, block: MergedBlock, config: MergeConfig, current: CurrentCall):
-        self.block, self.config, self.current = block, config, current
+    The module runs as it is where it can (merged tokens as its input; diffusers' self-attention:
+    merged keys and values as ``encoder_hidden_states``, ``log(sizes)`` as ``attention_mask``), else
+    through the layout's :attr:`~.layout.Branch.merged_attention`. ``in_span``: the attention of a
+    single-stream block whose body runs merged: its input is merged already (:class:`SpanStart`)."""
+
+    def __init__(self, block: MergedBlock, config: MergeConfig, current: CurrentCall, in_span: bool = False):
+        self.block, self.config, self.current, self.in_span = block, config, current, in_span
         self.branch = block.site.attention
 
     def around(self, module, forward, args: tuple, kwargs: dict):
@@ -70,25 +105,48 @@ class SelfAttentionBranch:
         if call is None:
             self.block.outside_a_call()
             return forward(*args, **kwargs)
-        merge = self.block.plan(call, module, args, kwargs)
-        if merge is None or not self.config.merge_attn:
+        branch, config = self.branch, self.config
+        sequence = branch.tokens.get(args, kwargs)
+        text = None if branch.text is None else branch.text.get(args, kwargs)
+        if self.in_span:
+            merge = call.plans.get(self.block.name)
+            if merge is None:
+                return forward(*args, **kwargs)
+            prefix, merged = _split(sequence, merge[0].num_groups, branch.text_first)
+            return branch.merged_attention(module, args, kwargs, self._tokens(call, merge, merged, merged, prefix, True))
+        prefix, image = _split(sequence, call.counts[self.block.name], branch.text_first)
+        merge = self.block.plan(call, module, image, text if text is not None else prefix)
+        if merge is None or not config.merge_attn:
             return forward(*args, **kwargs)
         if kwargs.get("attention_mask") is not None:
-            raise ValueError(f"{self.branch.name} got a self-attention mask, which merged tokens cannot use")
+            raise ValueError(f"{branch.name} got a self-attention mask, which merged tokens cannot use")
         plan, weights = merge
-        tokens = self.branch.tokens.get(args, kwargs)
-        if not self.config.kv_only:
-            args, kwargs = self.branch.tokens.replace(args, kwargs, plan.merge(tokens, weights))
-            return _unmerged_output(self.branch, plan, forward(*args, **kwargs))
-        if self.branch.keys_values is not None:
-            bias = None if plan.equal_groups else proportional_attention_bias(plan.merged_sizes, tokens.dtype)
-            return self.branch.keys_values(module, args, kwargs, plan.merge(tokens, weights), bias)
-        if getattr(module, "fused_projections", False):
-            raise ValueError(
-                f"kv_only cannot merge {self.branch.name} with fused QKV projections (fuse_qkv_projections): its keys "
-                "and values need a projection of their own; call unfuse_qkv_projections() first"
-            )
-        return forward(*args, **{**kwargs, **merged_keys_and_values(plan, weights, tokens)})
+        merged = plan.merge(image, weights)
+        queries = image if config.kv_only else merged
+        tokens = self._tokens(call, merge, queries, merged, text if text is not None else prefix, not config.kv_only)
+        if branch.merged_attention is not None and (config.kv_only or tokens.bias is not None or not branch.stock_merged):
+            output = branch.merged_attention(module, args, kwargs, tokens)
+        elif config.kv_only:
+            if getattr(module, "fused_projections", False):
+                raise ValueError(
+                    f"kv_only cannot merge {branch.name} with fused QKV projections (fuse_qkv_projections): its keys "
+                    "and values need a projection of their own; call unfuse_qkv_projections() first"
+                )
+            return forward(*args, **{**kwargs, **merged_keys_and_values(plan, weights, image)})
+        else:
+            args, kwargs = branch.tokens.replace(args, kwargs, _joined(prefix, merged))
+            if tokens.bias is not None:  # prop_attn through diffusers' additive mask [B, 1, M]
+                kwargs = {**kwargs, "attention_mask": tokens.bias[:, 0]}
+            output = forward(*args, **kwargs)
+        return output if config.kv_only else _unmerged_output(branch, plan, output)
+
+    def _tokens(self, call, merge, queries: Tensor, keys: Tensor, text: Tensor | None, queries_merged: bool):
+        """The :class:`~.layout.AttentionTokens` of this call: ``log(sizes)`` on the merged keys
+        with ``kv_only`` or ``prop_attn`` (none for groups known to be equal: a constant cancels)."""
+        plan, weights = merge
+        proportional = (self.config.kv_only or self.config.prop_attn) and not plan.equal_groups
+        bias = proportional_attention_bias(plan.merged_sizes, keys.dtype) if proportional else None
+        return AttentionTokens(queries, keys, text, bias, plan, weights, queries_merged, call)
 
 
 class LaterBranch:
@@ -106,12 +164,49 @@ class LaterBranch:
         if merge is None:
             return forward(*args, **kwargs)
         plan, weights = merge
-        tokens = self.branch.tokens.get(args, kwargs)
-        if tokens.shape[:2] != plan.labels.shape:
+        prefix, image = _split(self.branch.tokens.get(args, kwargs), plan.num_tokens, self.branch.text_first)
+        if image.shape[:2] != plan.labels.shape:
             raise ValueError(
-                f"{self.option}: {self.branch.name} got {tokens.shape[1]} tokens, not the block's {plan.num_tokens} "
+                f"{self.option}: {self.branch.name} got {image.shape[1]} tokens, not the block's {plan.num_tokens} "
                 "(a chunked feed-forward, enable_forward_chunking?); merging it needs the whole token sequence: call "
                 "disable_forward_chunking() on the model"
             )
-        args, kwargs = self.branch.tokens.replace(args, kwargs, plan.merge(tokens, weights))
+        args, kwargs = self.branch.tokens.replace(args, kwargs, _joined(prefix, plan.merge(image, weights)))
         return _unmerged_output(self.branch, plan, forward(*args, **kwargs))
+
+
+class SpanStart:
+    """Around the module that opens a single-stream block's body (its norm, which runs before the
+    attention and the MLP): make the block's plan from the image part of its output; with
+    ``merge`` (the body runs merged), merge that part, so that the body runs on ``T + M`` tokens."""
+
+    def __init__(self, block: MergedBlock, current: CurrentCall, merge: bool):
+        self.block, self.current, self.merge = block, current, merge
+        self.span = block.site.span
+
+    def around(self, module, forward, args: tuple, kwargs: dict):
+        output = forward(*args, **kwargs)
+        call = self.current.get()
+        if call is None:
+            return output
+        sequence = output if self.span.start_output is None else output[self.span.start_output]
+        prefix, image = _split(sequence, call.counts[self.block.name], True)
+        merge = self.block.plan(call, self.block.site.attention.module, image, prefix)
+        if merge is None or not self.merge:
+            return output
+        plan, weights = merge
+        return _replaced(output, self.span.start_output, _joined(prefix, plan.merge(image, weights)))
+
+
+class SpanEnd:
+    """Around the module that closes a single-stream block's merged body (its output projection):
+    unmerge the image part of its output, before the block's gate and residual."""
+
+    def __init__(self, block: MergedBlock, current: CurrentCall):
+        self.block, self.current = block, current
+
+    def around(self, module, forward, args: tuple, kwargs: dict):
+        output = forward(*args, **kwargs)
+        call = self.current.get()
+        merge = None if call is None else call.plans.get(self.block.name)
+        return output if merge is None else _unmerged(merge[0], output, True)

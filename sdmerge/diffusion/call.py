@@ -46,7 +46,10 @@ class CallState:
         merging: whether this call merges (``timestep_range``).
         split_key: the seeded split's key of this call (``None`` without ``seed``).
         grids: ``(H, W)`` of the token grid each carrier saw, by carrier name.
+        positions: what a layout's carrier keeps of the call to place merged tokens (Flux: the
+            rotary ids of the prompt's and the image's tokens), or ``None``.
         metrics: the input tokens ``[B, N, C]`` of each merged block, until its plan is made.
+        counts: the number ``N`` of image tokens of each merged block in this call.
         plans: each merged block's plan and weights, ``None`` where the block merges nothing.
     """
 
@@ -55,7 +58,9 @@ class CallState:
     merging: bool
     split_key: Tensor | None = None
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
+    positions: object = None
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
     plans: dict[str, Merge | None] = field(default_factory=dict)
 
 

@@ -105,6 +105,11 @@ class MergeConfig:
         False, BOOLEAN, "the self-attention keeps every query and takes merged keys and values, with proportional "
         "attention (ToDo)",
     )
+    prop_attn: bool = option(
+        False, BOOLEAN, "merged tokens count as the tokens they stand for in the attention (log(size) on their "
+        "logits, ToMe's proportional attention: a group of identical tokens gives the unmerged output); kv_only "
+        "always does; False: each merged token counts once, as tomesd",
+    )
     partial_windows: str = option(
         "keep", choice(*PARTIAL_WINDOWS), "grid: windows cut by the grid's right or bottom edge stay as smaller "
         "groups ('keep'), or their tokens give no keys and values ('drop', ToDo's average pooling; needs kv_only)",

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..core.plan import MergePlan
+    from .call import CallState
 
 
 @dataclass(frozen=True)
@@ -37,45 +42,99 @@ class Argument:
         return args, {**kwargs, self.name: value}
 
 
-KeysAndValues = Callable[[nn.Module, tuple, dict, Tensor, "Tensor | None"], object]
-"""``(attention, args, kwargs, merged [B, M, C], bias [B, 1, 1, M] or None) -> output``: a self-attention
-call whose queries are all ``N`` tokens and whose image keys and values are the ``M`` merged ones,
-with the proportional-attention bias ``log(sizes)`` on their logits (``kv_only``)."""
+@dataclass(frozen=True, eq=False)
+class AttentionTokens:
+    """What a layout's own attention call on merged tokens (:attr:`Branch.merged_attention`) gets.
+
+    Attributes:
+        queries: ``[B, Nq, C]`` the image tokens whose outputs are wanted: the merged ones, or
+            every token (``kv_only``; :attr:`queries_merged` says which).
+        keys: ``[B, Nk, C]`` the image tokens that give the keys and values: the merged ones.
+        text: ``[B, T, C]`` the prompt's tokens as the attention received them, or ``None``.
+        bias: ``[B, 1, 1, Nk]`` ``log(sizes)`` to add to the image keys' logits, or ``None``.
+        plan, weights: the block's plan and merge weights (to merge what else the tokens carry,
+            e.g. their positions).
+        call: the model call.
+    """
+
+    queries: Tensor
+    keys: Tensor
+    text: Tensor | None
+    bias: Tensor | None
+    plan: MergePlan
+    weights: Tensor | None
+    queries_merged: bool
+    call: CallState
+
+
+MergedAttention = Callable[[nn.Module, tuple, dict, AttentionTokens], object]
+"""``(attention, args, kwargs, tokens) -> output``: a layout's own call of a self-attention on merged
+tokens, returning what the module returns for ``tokens.queries`` in place of its image tokens."""
 
 
 @dataclass(eq=False)
 class Branch:
     """A submodule of a block that can run on merged tokens: merge its input, unmerge its output.
 
-    ``tokens``: the argument holding the image tokens ``[B, N, C]``; ``output``: where the image
-    tokens are in its output (``None``: the output is them; ``i``: ``output[i]`` of a tuple).
-    ``keys_values``: for a self-attention whose module cannot take merged keys and values as
-    ``encoder_hidden_states`` (a joint attention), the layout's own ``kv_only`` call."""
+    Attributes:
+        tokens: the argument holding the image tokens ``[B, N, C]``; with ``text_first``, it holds
+            the prompt's tokens and then the image tokens ``[B, T + N, C]`` (a single-stream block).
+        output: where the image tokens are in its output (``None``: the output is them, after the
+            prompt's with ``text_first``; ``i``: in ``output[i]`` of a tuple).
+        text: the argument holding the prompt's tokens of a joint attention, or ``None``.
+        merged_attention: a self-attention's own call on merged tokens (:data:`MergedAttention`),
+            for what the module cannot do by itself: ``kv_only`` through a joint attention,
+            proportional attention where its processor takes no mask, rotary positions of
+            merged tokens.
+        stock_merged: whether the module runs as it is on merged tokens (without a bias); if not,
+            every merged call goes through ``merged_attention``.
+    """
 
     name: str
     module: nn.Module
     tokens: Argument
     output: int | None = None
-    keys_values: KeysAndValues | None = None
+    text: Argument | None = None
+    text_first: bool = False
+    merged_attention: MergedAttention | None = None
+    stock_merged: bool = True
 
 
-MassFunction = Callable[[nn.Module, tuple, dict, object], Tensor]
-"""``(module, args, kwargs, output) -> p [B, N]``: the prompt attention mass of one call of a
-block's module, see :mod:`sdmerge.diffusion.prompt_importance`."""
+PreviousCallMass = Callable[[nn.Module, tuple, dict, object], Tensor]
+"""``(module, args, kwargs, output) -> p [B, N]``: the prompt attention mass of one call of a module
+that runs after the self-attention (a cross-attention), see :mod:`sdmerge.diffusion.prompt_importance`."""
+
+ThisCallMass = Callable[[nn.Module, Tensor, "Tensor | None", "CallState"], Tensor]
+"""``(attention, image [B, N, C], text [B, T, C], call) -> p [B, N]``: the prompt attention mass of a
+joint attention, from the tokens it is about to receive."""
 
 
 @dataclass(frozen=True, eq=False)
 class PromptMass:
     """Where a block's prompt attention mass ``p`` ``[B, N]`` comes from (``cis``, ``crucial``).
 
-    ``this_call=False``: ``function`` runs after each call of ``module`` (a cross-attention that
-    runs after the self-attention); the next call of the generation uses it. ``this_call=True``:
-    ``function`` runs on the self-attention's own arguments before it (``output`` is ``None``), so
-    the call's plan uses the call's own ``p`` (a joint attention sees the prompt itself)."""
+    ``this_call=False``: ``function`` (:data:`PreviousCallMass`) runs after each call of ``module``
+    (a cross-attention that runs after the self-attention); the next call of the generation uses
+    it. ``this_call=True``: ``function`` (:data:`ThisCallMass`) runs on the self-attention's own
+    tokens before it, so the call's plan uses the call's own ``p`` (a joint attention sees the
+    prompt itself)."""
 
     module: nn.Module
-    function: MassFunction
+    function: PreviousCallMass | ThisCallMass
     this_call: bool = False
+
+
+@dataclass(eq=False)
+class Span:
+    """A single-stream block's body (its attention and MLP read one normed sequence and share one
+    output projection): the image tokens are merged at ``start``'s output (``[B, T + N, C]``,
+    element ``start_output`` of a tuple), so that everything up to ``end`` runs on merged tokens,
+    and unmerged at ``end``'s output, before the block's gate and residual. Used when both
+    ``merge_attn`` and ``merge_mlp`` merge the body."""
+
+    start: nn.Module
+    start_output: int | None
+    end: nn.Module
 
 
 @dataclass(eq=False)
@@ -94,6 +153,7 @@ class BlockSite:
         mlp: the feed-forward branch (``merge_mlp``).
         mass: where the prompt attention mass ``p`` of ``cis`` and ``crucial`` comes from, or
             ``None`` (those methods are then refused).
+        span: a single-stream block's body (:class:`Span`), or ``None``.
     """
 
     name: str
@@ -104,6 +164,7 @@ class BlockSite:
     crossattn: Branch | None = None
     mlp: Branch | None = None
     mass: PromptMass | None = None
+    span: Span | None = None
 
 
 @dataclass(eq=False)
@@ -117,6 +178,8 @@ class Carrier:
         grid: ``(args, kwargs) -> (H, W)``: the token grid of its call (raster order).
         receivers: ``(name, block, argument)`` of every block that receives those keyword
             arguments (merged or not: each takes the call out again).
+        positions: ``(args, kwargs) -> positions``: what a layout's own attention needs of the
+            call to place merged tokens (Flux: the tokens' rotary ids), kept in the call; or ``None``.
     """
 
     name: str
@@ -124,6 +187,7 @@ class Carrier:
     attention_kwargs: Argument
     grid: Callable[[tuple, dict], tuple[int, int]]
     receivers: list[tuple[str, nn.Module, Argument]]
+    positions: Callable[[tuple, dict], object] | None = None
 
 
 @dataclass(eq=False)
@@ -137,6 +201,8 @@ class Layout:
         timestep: its timestep argument.
         sites: the merged blocks.
         carriers: the modules that carry each call to the blocks.
+        timestep_scale: the factor from the timesteps the denoiser receives to the scheduler's
+            (Flux receives them divided by 1000), for ``timestep_range``.
     """
 
     family: str
@@ -145,3 +211,4 @@ class Layout:
     timestep: Argument
     sites: list[BlockSite]
     carriers: list[Carrier]
+    timestep_scale: float = 1.0

@@ -53,25 +53,25 @@ class MergedBlock:
                 "calls of the whole model (UNet or transformer) or of its pipeline.", self.site.attention.name,
             )
 
-    def plan(self, call: CallState, attn: nn.Module, args: tuple, kwargs: dict) -> Merge | None:
-        """The plan and merge weights for the tokens ``h: [B, N, C]`` of the self-attention call
-        ``attn(*args, **kwargs)``; ``None`` when the call does not merge, nothing is removed, or
-        the token grid holds no window of the split."""
+    def plan(self, call: CallState, attn: nn.Module, image: Tensor, text: Tensor | None = None) -> Merge | None:
+        """The plan and merge weights for the image tokens ``image: [B, N, C]`` entering the block's
+        self-attention ``attn`` (``text``: the prompt's tokens entering it with them, in a joint
+        attention); ``None`` when the call does not merge, nothing is removed, or the token grid
+        holds no window of the split."""
         if self.name not in call.plans:
-            call.plans[self.name] = self._plan(call, attn, args, kwargs)
+            call.plans[self.name] = self._plan(call, attn, image, text)
         return call.plans[self.name]
 
-    def _plan(self, call: CallState, attn: nn.Module, args: tuple, kwargs: dict) -> Merge | None:
-        hidden_states = self.site.attention.tokens.get(args, kwargs)
+    def _plan(self, call: CallState, attn: nn.Module, image: Tensor, text: Tensor | None) -> Merge | None:
         metric = call.metrics.pop(self.name, None)
-        if metric is None or metric.shape[:2] != hidden_states.shape[:2]:
+        if metric is None or metric.shape[:2] != image.shape[:2]:
             raise RuntimeError(
                 f"{self.site.attention.name} was called without its block's input, which sdmerge takes when the block "
                 "is called: call the block (or the whole model), not its attention alone"
             )
         if not call.merging:
             return None
-        num_tokens = hidden_states.shape[1]
+        num_tokens = image.shape[1]
         remove = tokens_to_remove(num_tokens, self.state.config.keep_rate)
         if remove == 0:
             return None
@@ -80,18 +80,18 @@ class MergedBlock:
         if method.needs_split and not self._grid_holds_a_window(grid):
             return None
         merge = call.generation.plans.plan(
-            self.name, hidden_states.shape[:2], lambda: self._new_plan(call, attn, args, kwargs, metric, remove, grid)
+            self.name, image.shape[:2], lambda: self._new_plan(call, attn, image, text, metric, remove, grid)
         )
         if self.observer is not None:
             self.observer(self, merge[0], call.grids.get(self.site.carrier))
         return merge
 
     @torch.no_grad()  # a plan is a discrete choice: no gradient, and nothing saved for backward
-    def _new_plan(self, call: CallState, attn: nn.Module, args: tuple, kwargs: dict, metric: Tensor, remove: int, grid):
+    def _new_plan(self, call: CallState, attn: nn.Module, image: Tensor, text: Tensor | None, metric, remove: int, grid):
         """Group ``metric: [B, N, C]`` so that ``remove`` tokens go; the plan and merge weights."""
         method = self.state.method
         split = self._split(call, grid, metric.device) if method.needs_split else None
-        importance = self._importance(call, attn, args, kwargs) if method.needs_importance else None
+        importance = self._importance(call, attn, image, text) if method.needs_importance else None
         config = self.state.config
         window = config.window if method.grouping == "grid" else None
         plan = method.plan(
@@ -140,21 +140,20 @@ class MergedBlock:
         generator = randomness.generator(device)
         return random_2d_split(*grid, config.sx, config.sy, generator=generator, device=device, cell=cell)
 
-    def _importance(self, call: CallState, attn: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
+    def _importance(self, call: CallState, attn: nn.Module, image: Tensor, text: Tensor | None) -> Tensor | None:
         """``p_i * ||v_i||`` (:mod:`sdmerge.diffusion.prompt_importance`) for the self-attention's
-        tokens ``h``, ``p`` from this call's arguments (a joint attention) or from the generation's
+        image tokens, ``p`` from this call's tokens (a joint attention) or from the generation's
         previous call. Without ``p`` (first call of a generation): ``None`` for methods that only
         weight by importance (cis: uniform weights, i.e. tome), ``||v_i||`` (uniform ``p``) for
         the one that selects tokens by it (crucial)."""
-        hidden_states = self.site.attention.tokens.get(args, kwargs)
         if self.site.mass.this_call:
-            return prompt_importance(attn, hidden_states, self.site.mass.function(attn, args, kwargs, None))
+            return prompt_importance(attn, image, self.site.mass.function(attn, image, text, call))
         mass = call.generation.masses.get(self.name)
         if mass is None and self.state.method.needs_split:
             return None
         if mass is not None and not self.state.method.needs_split:
             mass = uniform_mass_at_start(mass, call.starts_generation)
-        return prompt_importance(attn, hidden_states, mass)
+        return prompt_importance(attn, image, mass)
 
     def store_mass(self, call: CallState, mass: Tensor) -> None:
         """Keep ``p`` of this call for the next: ``[B, N]``, or ``[B, M]`` when the branch that

@@ -95,14 +95,11 @@ def _last_unmasked(attention_mask: Tensor | None, batch_size: int, tokens: int, 
     return kept.long().cumsum(dim=1).argmax(dim=1)  # where the count of kept tokens reaches its end
 
 
-def joint_attention_mass(attn: Attention, args: tuple, kwargs: dict, output=None) -> Tensor:
-    """``p`` ``[B, N]`` float32 of SD3's joint attention ``attn`` called with the image tokens
-    ``hidden_states`` ``[B, N, C]`` and the prompt tokens ``encoder_hidden_states`` ``[B, T, C]``
-    (keywords, as ``JointTransformerBlock`` calls it): the attention the prompt's tokens pay to each
-    image token, averaged over prompt tokens and heads (module docstring), with the attention's
-    own projections and query/key normalisations."""
-    image = args[0] if args else kwargs["hidden_states"]
-    text = kwargs["encoder_hidden_states"]
+def joint_attention_mass(attn: Attention, image: Tensor, text: Tensor, call=None) -> Tensor:
+    """``p`` ``[B, N]`` float32 of SD3's joint attention ``attn`` about to receive the image tokens
+    ``image`` ``[B, N, C]`` and the prompt's tokens ``text`` ``[B, T, C]``: the attention the prompt's
+    tokens pay to each image token, averaged over prompt tokens and heads (module docstring), with
+    the attention's own projections and query/key normalisations (``call`` is not needed)."""
     heads = attn.heads
 
     def split(x: Tensor) -> Tensor:  # [B, S, H*d] -> [B, H, S, d]
@@ -116,9 +113,16 @@ def joint_attention_mass(attn: Attention, args: tuple, kwargs: dict, output=None
         key_image = attn.norm_k(key_image)
     if attn.norm_added_k is not None:
         key_text = attn.norm_added_k(key_text)
+    return prompt_mass_on_image(query, key_image, key_text)
+
+
+def prompt_mass_on_image(query: Tensor, key_image: Tensor, key_text: Tensor) -> Tensor:
+    """``mean_h mean_t softmax_j(q_t k_j^T / sqrt(d))[h, t, i]`` for the image keys ``i``: ``query``
+    ``[B, H, T, d]`` (the prompt's), ``key_image`` ``[B, H, N, d]``, ``key_text`` ``[B, H, T, d]``;
+    ``[B, N]`` float32, with ``T x (N + T)`` logits per head."""
     logits = torch.cat([query @ key_image.transpose(-1, -2), query @ key_text.transpose(-1, -2)], dim=-1)
     probabilities = torch.softmax(logits.float() * query.shape[-1] ** -0.5, dim=-1)  # [B, H, T, N + T]
-    return probabilities[..., : image.shape[1]].mean(dim=(1, 2))
+    return probabilities[..., : key_image.shape[2]].mean(dim=(1, 2))
 
 
 def prompt_importance(self_attn: Attention, hidden_states: Tensor, mass: Tensor | None) -> Tensor:

@@ -31,12 +31,12 @@ from torch import nn
 
 from ..methods import Method, get_method
 from . import pipeline_calls
-from .branches import LaterBranch, SelfAttentionBranch
+from .branches import LaterBranch, SelfAttentionBranch, SpanEnd, SpanStart
 from .call import CARRIED, CallState, CurrentCall
 from .config import MergeConfig
 from .forward_hooks import ForwardHook
 from .generation import Generation, Generations
-from .layout import Argument, BlockSite, Carrier, Layout, MassFunction
+from .layout import Argument, BlockSite, Carrier, Layout, PreviousCallMass
 from .merged_block import MergedBlock
 from .randomness import SplitRandomness
 
@@ -141,12 +141,17 @@ class MergeState:
 
     def _install_branches(self, block: MergedBlock) -> None:
         site, config = block.site, self.config
-        self._hook(site.attention.module, SelfAttentionBranch(block, config, self.current).around)
+        merged_body = site.span is not None and config.merge_attn and config.merge_mlp and not config.kv_only
+        if site.span is not None:  # a single-stream block plans at its norm, which runs first
+            self._hook(site.span.start, SpanStart(block, self.current, merge=merged_body).around)
+        self._hook(site.attention.module, SelfAttentionBranch(block, config, self.current, in_span=merged_body).around)
+        if merged_body:
+            self._hook(site.span.end, SpanEnd(block, self.current).around)
         if self.method.needs_importance and not site.mass.this_call:
             # inside a merging wrapper of the same module (installed next): p of the merged tokens
             self._hook(site.mass.module, partial(self.record_mass, block, site.mass.function))
         for branch, option in ((site.crossattn, "merge_crossattn"), (site.mlp, "merge_mlp")):
-            if getattr(config, option) and branch is not None:  # a block without a second attention: none to merge
+            if getattr(config, option) and branch is not None and not merged_body:
                 self._hook(branch.module, LaterBranch(block, branch, option, self.current).around)
 
     def uninstall(self) -> None:
@@ -178,8 +183,8 @@ class MergeState:
         layout, config = self.layout, self.config
         sample = layout.sample.get(args, kwargs)
         timestep = layout.timestep.get(args, kwargs)
-        if self.reads_timestep_on_host:
-            timestep = float(torch.as_tensor(timestep).flatten()[0])  # on the host: a graph break when compiled
+        if self.reads_timestep_on_host:  # on the host: a graph break when compiled
+            timestep = float(torch.as_tensor(timestep).flatten()[0]) * layout.timestep_scale
         if self._stateless is not None:
             generation, starts = self._stateless, False
         else:
@@ -201,6 +206,8 @@ class MergeState:
             grid = carrier.grid(args, kwargs)
             if grid is not None:
                 call.grids[carrier.name] = grid
+            if carrier.positions is not None:
+                call.positions = carrier.positions(args, kwargs)
             given = carrier.attention_kwargs.get(args, kwargs) or {}
             args, kwargs = carrier.attention_kwargs.replace(args, kwargs, {**given, CARRIED: call})
         return forward(*args, **kwargs)
@@ -214,11 +221,12 @@ class MergeState:
             call: CallState = rest.pop(CARRIED)
             self.current.set(call)
             if block is not None:
-                call.metrics[block.name] = block.site.tokens.get(args, kwargs)
+                call.metrics[block.name] = metric = block.site.tokens.get(args, kwargs)
+                call.counts[block.name] = metric.shape[1]
             args, kwargs = argument.replace(args, kwargs, rest)
         return forward(*args, **kwargs)
 
-    def record_mass(self, block: MergedBlock, mass: MassFunction, module, forward, args: tuple, kwargs: dict):
+    def record_mass(self, block: MergedBlock, mass: PreviousCallMass, module, forward, args: tuple, kwargs: dict):
         """Around the module that gives the prompt mass (``cis``, ``crucial``): keep ``p`` of
         this call for the next."""
         output = forward(*args, **kwargs)

@@ -17,7 +17,7 @@ attended by, every group); ``merge_crossattn`` merges ``attn2``'s input, ``merge
 prompt stream (``norm1_context``, ``ff_context``) is never merged. The position embedding is added
 to the tokens before the blocks (``PatchEmbed``), so a merged token carries its group's mean
 position. ``kv_only``: every image query, keys and values of the merged image tokens and of the
-prompt (:func:`joint_attention_with_merged_keys`). ``cis`` / ``crucial``: the attention the prompt
+prompt (:func:`joint_attention_on_merged_tokens`). ``cis`` / ``crucial``: the attention the prompt
 pays to each image token in the same call (:func:`~sdmerge.diffusion.prompt_importance.joint_attention_mass`).
 """
 
@@ -29,7 +29,7 @@ from diffusers import SD3Transformer2DModel
 from torch import Tensor
 
 from ..config import MergeConfig
-from ..layout import Argument, BlockSite, Branch, Layout, PromptMass
+from ..layout import Argument, AttentionTokens, BlockSite, Branch, Layout, PromptMass
 from ..prompt_importance import joint_attention_mass
 from .dit import chosen_blocks, model_carrier, patch_grid
 from .unet import uncompiled
@@ -61,21 +61,20 @@ def why_unsupported(model) -> str | None:
     return None
 
 
-def joint_attention_with_merged_keys(attn, args: tuple, kwargs: dict, merged: Tensor, bias: Tensor | None):
-    """SD3's joint attention (the arithmetic of diffusers' ``JointAttnProcessor2_0``) for ``kv_only``:
-    the queries of every image token ``h`` ``[B, N, C]`` and prompt token ``c`` ``[B, T, C]``, the
-    keys and values of the merged image tokens ``merged`` ``[B, M, C]`` and of the prompt, and
-    ``bias`` ``[B, 1, 1, M]`` (``log(sizes)``, or ``None``) on the merged keys' logits (0 on the
-    prompt's). Returns ``(image [B, N, C], prompt [B, T, C])`` as the module does, or the image
-    output alone without a prompt (SD3.5's ``attn2``)."""
-    hidden_states = args[0] if args else kwargs["hidden_states"]
-    text = kwargs.get("encoder_hidden_states")
-    heads = attn.heads
+def joint_attention_on_merged_tokens(attn, args: tuple, kwargs: dict, tokens: AttentionTokens):
+    """SD3's joint attention (the arithmetic of diffusers' ``JointAttnProcessor2_0``) with queries of
+    the image tokens ``tokens.queries`` ``[B, Nq, C]`` and of the prompt ``c`` ``[B, T, C]``, keys and
+    values of the merged image tokens ``tokens.keys`` ``[B, M, C]`` and of the prompt, and
+    ``tokens.bias`` ``[B, 1, 1, M]`` (``log(sizes)``, or ``None``) on the merged keys' logits (0 on
+    the prompt's): ``kv_only``, and ``prop_attn``, which the stock processor cannot do (it projects
+    keys from its queries' tokens and takes no mask). Returns ``(image [B, Nq, C], prompt [B, T, C])``
+    as the module does, or the image output alone without a prompt (SD3.5's ``attn2``)."""
+    text, bias, heads = tokens.text, tokens.bias, attn.heads
 
     def split(x: Tensor) -> Tensor:  # [B, S, H*d] -> [B, H, S, d]
         return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
-    query, key, value = split(attn.to_q(hidden_states)), split(attn.to_k(merged)), split(attn.to_v(merged))
+    query, key, value = split(attn.to_q(tokens.queries)), split(attn.to_k(tokens.keys)), split(attn.to_v(tokens.keys))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
@@ -92,11 +91,12 @@ def joint_attention_with_merged_keys(attn, args: tuple, kwargs: dict, merged: Te
         if bias is not None:
             bias = F.pad(bias, (0, text.shape[1]))  # the prompt's keys: no bias
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-    out = out.transpose(1, 2).reshape(hidden_states.shape[0], -1, heads * query.shape[-1]).to(query.dtype)
-    image = attn.to_out[1](attn.to_out[0](out[:, : hidden_states.shape[1]]))
+    count = tokens.queries.shape[1]
+    out = out.transpose(1, 2).reshape(out.shape[0], -1, heads * query.shape[-1]).to(query.dtype)
+    image = attn.to_out[1](attn.to_out[0](out[:, :count]))
     if text is None:
         return image
-    prompt = out[:, hidden_states.shape[1] :]
+    prompt = out[:, count:]
     return image, prompt if attn.context_pre_only else attn.to_add_out(prompt)
 
 
@@ -108,7 +108,8 @@ def _site(name: str, block) -> BlockSite:
         HIDDEN_STATES,
         carrier="",
         attention=Branch(
-            f"{name}.attn", block.attn, Argument("hidden_states", 0), output=0, keys_values=joint_attention_with_merged_keys
+            f"{name}.attn", block.attn, Argument("hidden_states", 0), output=0, text=Argument("encoder_hidden_states"),
+            merged_attention=joint_attention_on_merged_tokens,
         ),
         crossattn=None if attn2 is None else Branch(f"{name}.attn2", attn2, Argument("hidden_states", 0)),
         mlp=Branch(f"{name}.ff", block.ff, HIDDEN_STATES),
