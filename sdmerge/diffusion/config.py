@@ -16,7 +16,7 @@ from ..core.grid import PARTIAL_WINDOWS
 from ..methods import METHODS, get_method
 from ..options import BOOLEAN, Check, check_fields, check_names, choice, integer, option, optional, real_pair
 
-FAMILY = "diffusion models (UNet, SD3, PixArt)"
+FAMILY = "diffusion models (UNet, SD3, PixArt, Flux)"
 """How errors name this family of options."""
 
 APPLY_ARGUMENTS = ("method", "keep_rate")
