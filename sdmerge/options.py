@@ -128,3 +128,16 @@ def real_pair(name: str, value, what: str = "a real number") -> tuple[float, flo
         if isinstance(item, bool) or not isinstance(item, numbers.Real) or math.isnan(item):
             raise TypeError(f"{name}={value!r}: {item!r} is not {what}")
     return float(value[0]), float(value[1])
+
+
+def _block_indices(name: str, value) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a range or a sequence of block indices (ints), got {value!r}")
+    indices = tuple(value)
+    if not indices or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in indices):
+        raise TypeError(f"{name}={value!r} must hold at least one block index, each an int (0-based)")
+    return tuple(int(i) for i in indices)
+
+
+BLOCK_INDICES = Check("range or sequence of ints", _block_indices)
+"""A range or a non-empty sequence of block indices (ints, not bools), as a tuple."""

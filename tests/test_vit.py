@@ -442,7 +442,6 @@ def test_unsupported_model_is_a_type_error_naming_what_is_supported():
         (dict(method="tome", r=1.5), "outside the allowed range"),
         (dict(method="tome", r=0.7, stages=(4,)), r"stages \[4\] are outside the model's blocks 0..3"),
         (dict(method="tome", r=0.7, stages=(1, 1)), "repeats a block"),
-        (dict(method="tome", r=0.7, stages=(1.0,)), "int block indices"),
         (dict(method="tome", r=0.25), "remove 12 of 17 tokens in block 1.*at most 8"),
         (dict(method="tome", tokens_per_block=5), "remove 5 of 7 tokens in block 2.*at most 3"),
         (dict(method="topk", tokens_per_block=6), "remove 6 of 5 tokens in block 2.*at most 3"),
@@ -460,7 +459,9 @@ def test_options_of_the_wrong_type_or_name_raise_type_errors_listing_the_options
     model = tiny(ViTForImageClassification)
     with pytest.raises(TypeError, match="prop_attn must be True or False, got 'yes'"):
         sdmerge.apply(model, "tome", prop_attn="yes")
-    accepted = (r"unknown option max_downsample for ViT/DeiT classifiers; accepted options: stages: sequence of "
+    with pytest.raises(TypeError, match=r"stages=\(1.0,\) must hold at least one block index, each an int"):
+        sdmerge.apply(model, "tome", r=0.7, stages=(1.0,))
+    accepted = (r"unknown option max_downsample for ViT/DeiT classifiers; accepted options: stages: range or sequence of "
                 r"ints or None = None; tokens_per_block: int >= 0 or None = None; schedule: .*; prop_attn: bool = True")
     with pytest.raises(TypeError, match=accepted):
         sdmerge.apply(model, "tome", max_downsample=2)

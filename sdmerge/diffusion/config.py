@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from ..core import check_keep_rate, window_for_keep_rate
 from ..core.grid import PARTIAL_WINDOWS
 from ..methods import METHODS, get_method
-from ..options import BOOLEAN, Check, check_fields, check_names, choice, integer, option, optional, real_pair
+from ..options import (
+    BLOCK_INDICES, BOOLEAN, Check, check_fields, check_names, choice, integer, option, optional, real_pair,
+)
 
 FAMILY = "diffusion models (UNet, SD3, PixArt, Flux)"
 """How errors name this family of options."""
@@ -54,13 +56,9 @@ def _timestep_range(name: str, value) -> tuple[float, float]:
     return low, high
 
 
-def _blocks(name: str, value):
-    """A ``range`` or a sequence of distinct block indices (ints), kept as a sorted tuple."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise TypeError(f"{name} must be a range or a sequence of block indices (ints), got {value!r}")
-    indices = tuple(value)
-    if not indices or any(isinstance(i, bool) or not isinstance(i, int) for i in indices):
-        raise TypeError(f"{name}={value!r} must hold at least one block index, each an int")
+def _distinct_blocks(name: str, value):
+    """:data:`~sdmerge.options.BLOCK_INDICES`, distinct and ``>= 0``, kept as a sorted tuple."""
+    indices = BLOCK_INDICES(name, value)
     if any(i < 0 for i in indices) or len(set(indices)) != len(indices):
         raise ValueError(f"{name}={value!r}: block indices must be distinct and >= 0 (0 is the first block)")
     return tuple(sorted(indices))
@@ -70,7 +68,7 @@ METHOD = Check("str", _method)
 KEEP_RATE = Check("real number, 0 < r <= 1", _keep_rate)
 POWER_OF_TWO = Check("int, a power of two", _power_of_two)
 TIMESTEP_RANGE = Check("(low, high) timesteps", _timestep_range)
-BLOCK_INDICES = Check("range or sequence of ints", _blocks)
+DISTINCT_BLOCKS = Check(BLOCK_INDICES.kind, _distinct_blocks)
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ class MergeConfig:
         "highest level with attention; None: 1 (tomesd's default)", models="UNet only",
     )
     blocks: tuple[int, ...] | None = option(
-        None, optional(BLOCK_INDICES), "indices of the merged transformer blocks (0-based); None: the model's "
+        None, optional(DISTINCT_BLOCKS), "indices of the merged transformer blocks (0-based); None: the model's "
         "default", models="diffusion transformers only",
     )
     sx: int = option(2, integer(1), "width of the windows of the random 2D split (one destination per window)")

@@ -16,10 +16,28 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 if TYPE_CHECKING:
     from ..core.plan import MergePlan
     from .call import CallState
+
+
+def uncompiled(model):
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) wraps; any other object as it is."""
+    while isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
+def held(model, component: str, cls: type) -> nn.Module | None:
+    """``model``, or its pipeline's ``component`` (``unet``, ``transformer``), as a ``cls`` (through
+    ``torch.compile`` wrappers); ``None`` if neither is one."""
+    for candidate in (model, getattr(model, component, None)):
+        candidate = uncompiled(candidate)
+        if isinstance(candidate, cls):
+            return candidate
+    return None
 
 
 @dataclass(frozen=True)

@@ -203,7 +203,8 @@ class MergeState:
         attention keyword arguments it passes to its blocks."""
         call = self.current.get()
         if call is not None:
-            grid = carrier.grid(args, kwargs) if self.method.needs_grid else None
+            needs_grid = self.method.needs_grid or any(block.observer is not None for block in self.blocks)
+            grid = carrier.grid(args, kwargs) if needs_grid else None
             if grid is not None:
                 call.grids[carrier.name] = grid
             if carrier.positions is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..options import BOOLEAN, Check, check_fields, check_names, choice, integer, option, optional
+from ..options import BLOCK_INDICES, BOOLEAN, check_fields, check_names, choice, integer, option, optional
 from .reduction import CIS_SCORES, EVIT_FUSIONS
 from .schedule import PER_BLOCK_SCHEDULES
 
@@ -18,22 +18,12 @@ FAMILY = "ViT/DeiT classifiers"
 """How errors name this family of options."""
 
 
-def _block_indices(name: str, value):
-    """A sequence of ints (their range is checked against the model by the schedule), kept as a tuple."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"{name}={value!r} is not a sequence of block indices")
-    indices = tuple(value)
-    if not indices or any(isinstance(i, bool) or not isinstance(i, int) for i in indices):
-        raise ValueError(f"{name}={value!r} must be a non-empty sequence of int block indices (0-based)")
-    return indices
-
-
 @dataclass(frozen=True)
 class ReductionOptions:
     """The keyword options of ``sdmerge.apply`` for a ViT/DeiT classifier; checked on construction."""
 
     stages: tuple[int, ...] | None = option(
-        None, optional(Check("sequence of ints", _block_indices)), "0-based indices of the reducing blocks (stage "
+        None, optional(BLOCK_INDICES), "0-based indices of the reducing blocks (stage "
         "protocol: floor(P r^s) of the P patch tokens kept after stage s); None: floor(k L / 4), k = 1, 2, 3",
     )
     tokens_per_block: int | None = option(

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..config import MergeConfig
-from ..layout import Argument, Carrier
+from ..layout import Argument, BlockSite, Carrier, Layout
 
 
 def chosen_blocks(depth: int, config: MergeConfig, family: str) -> tuple[int, ...]:
@@ -50,9 +50,25 @@ def patch_grid(tokens: Argument, patch_size: int) -> Callable[[tuple, dict], tup
     return grid
 
 
-def model_carrier(
-    model: nn.Module, attention_kwargs: Argument, grid, blocks: list[tuple[str, nn.Module]], block_kwargs: Argument
-) -> Carrier:
-    """The model as the carrier of its calls: its ``attention_kwargs`` reach every block in
-    ``blocks`` (``(name, block)``), each of which takes the call out of its ``block_kwargs``."""
-    return Carrier("", model, attention_kwargs, grid, [(name, block, block_kwargs) for name, block in blocks])
+def transformer_layout(
+    family: str,
+    transformer: nn.Module,
+    config: MergeConfig,
+    blocks: list[tuple[str, nn.Module]],
+    site: Callable[[str, nn.Module, int], BlockSite],
+    model_kwargs: Argument,
+    block_kwargs: Argument,
+    timestep: Argument,
+    grid: Callable[[tuple, dict], tuple[int, int] | None],
+    *,
+    positions: Callable[[tuple, dict], object] | None = None,
+    timestep_scale: float = 1.0,
+) -> Layout:
+    """A diffusion transformer's layout: ``blocks`` (``(name, block)`` in order), the chosen ones
+    merged (``site(name, block, index)`` describes one); the model carries each call to every block
+    in ``model_kwargs``, which each block receives as ``block_kwargs``; ``grid`` and ``positions``
+    read the call's token grid and positions; ``timestep`` is its timestep argument."""
+    sites = [site(*blocks[index], index) for index in chosen_blocks(len(blocks), config, family)]
+    receivers = [(name, block, block_kwargs) for name, block in blocks]
+    carrier = Carrier("", transformer, model_kwargs, grid, receivers, positions=positions)
+    return Layout(family, transformer, Argument("hidden_states", 0), timestep, sites, [carrier], timestep_scale)

@@ -47,10 +47,9 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import Tensor, nn
 
 from ..config import MergeConfig
-from ..layout import Argument, AttentionTokens, BlockSite, Branch, Carrier, Layout, PromptMass, Span
+from ..layout import Argument, AttentionTokens, BlockSite, Branch, Layout, PromptMass, Span, held, uncompiled
 from ..prompt_importance import prompt_mass_on_image
-from .dit import chosen_blocks
-from .unet import uncompiled
+from .dit import transformer_layout
 
 SUPPORTED = (
     "FluxPipeline (and img2img / inpaint / fill / Kontext / Control / ControlNet), FluxTransformer2DModel "
@@ -68,23 +67,19 @@ GRID = "_sdmerge_grid"  # the attribute of an img_ids tensor that keeps its toke
 
 def find(model) -> FluxTransformer2DModel | None:
     """``model`` or ``model.transformer`` as a FluxTransformer2DModel (compiled or not), else ``None``."""
-    for candidate in (model, getattr(model, "transformer", None)):
-        candidate = uncompiled(candidate)
-        if isinstance(candidate, FluxTransformer2DModel):
-            return candidate
-    return None
+    return held(model, "transformer", FluxTransformer2DModel)
 
 
 def why_unsupported(model) -> str | None:
     """A Flux ControlNet (left unmerged) or a FLUX.2 transformer (another layout)."""
     name = type(uncompiled(model)).__name__
-    held = type(uncompiled(getattr(model, "transformer", None))).__name__
+    component = type(uncompiled(getattr(model, "transformer", None))).__name__
     if name in ("FluxControlNetModel", "FluxMultiControlNetModel"):
         return (
             f"{name} is a ControlNet, which sdmerge leaves unmerged: it merges tokens in the pipeline's transformer "
             "only. Pass the pipeline or its transformer: sdmerge.apply(pipe)"
         )
-    if "Flux2Transformer2DModel" in (name, held):
+    if "Flux2Transformer2DModel" in (name, component):
         return (
             "FLUX.2 (Flux2Transformer2DModel) is not supported: its single-stream blocks take the prompt and the "
             "image as one sequence whose split the blocks are not told, and its modulation is computed once for all "
@@ -256,15 +251,14 @@ def _single_site(name: str, block, pos_embed: nn.Module) -> BlockSite:
 def layout(transformer: FluxTransformer2DModel, config: MergeConfig) -> Layout:
     """The merged blocks (``blocks`` over the double- then the single-stream blocks; default: all
     but the first and the last)."""
-    named = [(f"transformer_blocks.{i}", b) for i, b in enumerate(transformer.transformer_blocks)]
-    named += [(f"single_transformer_blocks.{i}", b) for i, b in enumerate(transformer.single_transformer_blocks)]
-    double = len(transformer.transformer_blocks)
+    double = [(f"transformer_blocks.{i}", b) for i, b in enumerate(transformer.transformer_blocks)]
+    single = [(f"single_transformer_blocks.{i}", b) for i, b in enumerate(transformer.single_transformer_blocks)]
     pos_embed = transformer.pos_embed
-    sites = [
-        (_double_site if index < double else _single_site)(*named[index], pos_embed)
-        for index in chosen_blocks(len(named), config, FAMILY)
-    ]
-    carrier = Carrier(
-        "", transformer, MODEL_KWARGS, token_grid, [(n, b, BLOCK_KWARGS) for n, b in named], positions=token_ids
+
+    def site(name: str, block, index: int) -> BlockSite:
+        return (_double_site if index < len(double) else _single_site)(name, block, pos_embed)
+
+    return transformer_layout(
+        FAMILY, transformer, config, double + single, site, MODEL_KWARGS, BLOCK_KWARGS, Argument("timestep", 3),
+        token_grid, positions=token_ids, timestep_scale=1000.0,
     )
-    return Layout(FAMILY, transformer, HIDDEN_STATES, Argument("timestep", 3), sites, [carrier], timestep_scale=1000.0)

@@ -16,10 +16,9 @@ from diffusers import PixArtTransformer2DModel
 from diffusers.models.attention import BasicTransformerBlock
 
 from ..config import MergeConfig
-from ..layout import Argument, BlockSite, Branch, Layout, PromptMass
+from ..layout import Argument, BlockSite, Branch, Layout, PromptMass, held
 from ..prompt_importance import t5_cross_attention_mass
-from .dit import chosen_blocks, model_carrier, patch_grid
-from .unet import uncompiled
+from .dit import patch_grid, transformer_layout
 
 SUPPORTED = "PixArtAlphaPipeline / PixArtSigmaPipeline, PixArtTransformer2DModel (torch.compile'd or not)"
 
@@ -31,11 +30,7 @@ BLOCK_KWARGS = Argument("cross_attention_kwargs", 5)  # BasicTransformerBlock.fo
 
 def find(model) -> PixArtTransformer2DModel | None:
     """``model`` or ``model.transformer`` as a PixArtTransformer2DModel (compiled or not), else ``None``."""
-    for candidate in (model, getattr(model, "transformer", None)):
-        candidate = uncompiled(candidate)
-        if isinstance(candidate, PixArtTransformer2DModel):
-            return candidate
-    return None
+    return held(model, "transformer", PixArtTransformer2DModel)
 
 
 def why_unsupported(model) -> str | None:
@@ -57,10 +52,9 @@ def _site(name: str, block: BasicTransformerBlock) -> BlockSite:
 
 def layout(transformer: PixArtTransformer2DModel, config: MergeConfig) -> Layout:
     """The merged blocks (``blocks``; default: all but the first and the last)."""
-    blocks = list(transformer.transformer_blocks)
-    chosen = chosen_blocks(len(blocks), config, FAMILY)
-    sites = [_site(f"transformer_blocks.{i}", blocks[i]) for i in chosen]
-    named = [(f"transformer_blocks.{i}", block) for i, block in enumerate(blocks)]
+    blocks = [(f"transformer_blocks.{i}", block) for i, block in enumerate(transformer.transformer_blocks)]
     grid = patch_grid(HIDDEN_STATES, transformer.config.patch_size)
-    carrier = model_carrier(transformer, MODEL_KWARGS, grid, named, BLOCK_KWARGS)
-    return Layout(FAMILY, transformer, HIDDEN_STATES, Argument("timestep", 2), sites, [carrier])
+    return transformer_layout(
+        FAMILY, transformer, config, blocks, lambda name, block, index: _site(name, block), MODEL_KWARGS,
+        BLOCK_KWARGS, Argument("timestep", 2), grid,
+    )

@@ -29,10 +29,9 @@ from diffusers import SD3Transformer2DModel
 from torch import Tensor
 
 from ..config import MergeConfig
-from ..layout import Argument, AttentionTokens, BlockSite, Branch, Layout, PromptMass
+from ..layout import Argument, AttentionTokens, BlockSite, Branch, Layout, PromptMass, held, uncompiled
 from ..prompt_importance import joint_attention_mass
-from .dit import chosen_blocks, model_carrier, patch_grid
-from .unet import uncompiled
+from .dit import patch_grid, transformer_layout
 
 SUPPORTED = "StableDiffusion3Pipeline (and img2img / inpaint / ControlNet), SD3Transformer2DModel (torch.compile'd or not)"
 
@@ -44,11 +43,7 @@ BLOCK_KWARGS = Argument("joint_attention_kwargs", 3)  # JointTransformerBlock.fo
 
 def find(model) -> SD3Transformer2DModel | None:
     """``model`` or ``model.transformer`` as an SD3Transformer2DModel (compiled or not), else ``None``."""
-    for candidate in (model, getattr(model, "transformer", None)):
-        candidate = uncompiled(candidate)
-        if isinstance(candidate, SD3Transformer2DModel):
-            return candidate
-    return None
+    return held(model, "transformer", SD3Transformer2DModel)
 
 
 def why_unsupported(model) -> str | None:
@@ -119,10 +114,9 @@ def _site(name: str, block) -> BlockSite:
 
 def layout(transformer: SD3Transformer2DModel, config: MergeConfig) -> Layout:
     """The merged joint blocks (``blocks``; default: all but the first and the last)."""
-    blocks = list(transformer.transformer_blocks)
-    chosen = chosen_blocks(len(blocks), config, FAMILY)
-    sites = [_site(f"transformer_blocks.{i}", blocks[i]) for i in chosen]
-    named = [(f"transformer_blocks.{i}", block) for i, block in enumerate(blocks)]
+    blocks = [(f"transformer_blocks.{i}", block) for i, block in enumerate(transformer.transformer_blocks)]
     grid = patch_grid(HIDDEN_STATES, transformer.config.patch_size)
-    carrier = model_carrier(transformer, MODEL_KWARGS, grid, named, BLOCK_KWARGS)
-    return Layout(FAMILY, transformer, HIDDEN_STATES, Argument("timestep", 3), sites, [carrier])
+    return transformer_layout(
+        FAMILY, transformer, config, blocks, lambda name, block, index: _site(name, block), MODEL_KWARGS,
+        BLOCK_KWARGS, Argument("timestep", 3), grid,
+    )

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from diffusers import Transformer2DModel, UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
-from torch._dynamo.eval_frame import OptimizedModule
 
 from ..config import MergeConfig
-from ..layout import Argument, BlockSite, Branch, Carrier, Layout, PromptMass
+from ..layout import Argument, BlockSite, Branch, Carrier, Layout, PromptMass, held, uncompiled
 from ..prompt_importance import cross_attention_mass
 
 SUPPORTED = "DiffusionPipeline (with a UNet2DConditionModel), UNet2DConditionModel (torch.compile'd or not)"
@@ -31,20 +30,9 @@ BLOCK_KWARGS = Argument("cross_attention_kwargs", 5)  # BasicTransformerBlock.fo
 TRANSFORMER_KWARGS = Argument("cross_attention_kwargs", 5)  # Transformer2DModel.forward's 6th argument
 
 
-def uncompiled(model):
-    """The module a ``torch.compile`` wrapper (``OptimizedModule``) wraps; any other object as it is."""
-    while isinstance(model, OptimizedModule):
-        model = model._orig_mod
-    return model
-
-
 def find(model) -> UNet2DConditionModel | None:
     """``model`` or ``model.unet`` as a UNet2DConditionModel (compiled or not), else ``None``."""
-    for candidate in (model, getattr(model, "unet", None)):
-        candidate = uncompiled(candidate)
-        if isinstance(candidate, UNet2DConditionModel):
-            return candidate
-    return None
+    return held(model, "unet", UNet2DConditionModel)
 
 
 def why_unsupported(model) -> str | None:
