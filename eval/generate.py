@@ -1,4 +1,4 @@
-"""Image generation for the sweep: load the pipeline, make one image per work item, resume.
+"""Image generation for the sweep: make one image per work item with a loaded pipeline, resume.
 
 Resume rule: the image files are the source of truth. An image is finished when its final PNG
 exists; it is written to a temporary file and renamed (``eval/atomic.py``), so a kill leaves
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import groupby
 from pathlib import Path
@@ -31,7 +31,6 @@ import sdmerge
 from sdmerge.methods import get_method
 
 from .atomic import write_atomically, write_json
-from .errors import OFFLINE_HINT, UserError
 from .worklist import WorkItem
 
 TIMING = "wall time of the whole pipeline call, batch 1, warm-up call per arm and process excluded, CUDA synchronised"
@@ -39,28 +38,12 @@ TIMING = "wall time of the whole pipeline call, batch 1, warm-up call per arm an
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """What every pipeline call of a sweep is given (``eval/families.py`` fills in its model's defaults)."""
+
     steps: int
     guidance_scale: float
     resolution: int  # square images, pixels
-
-
-def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
-    """``StableDiffusionPipeline.from_pretrained(model)`` (a hub id or a local folder), safety
-    checker off, on ``device`` in ``dtype``; a :class:`UserError` naming ``--model`` if it fails."""
-    from diffusers import StableDiffusionPipeline
-
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model, dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(
-            f"--model: cannot load a Stable Diffusion pipeline from {model!r} ({first_line}). Pass --model "
-            f"with a hub id reachable from here or a local folder holding model_index.json, {OFFLINE_HINT}"
-        ) from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    call_options: Mapping[str, object] = field(default_factory=dict)  # the family's other call arguments
 
 
 def image_path(images_dir: Path, item: WorkItem) -> Path:
@@ -77,10 +60,11 @@ class ImageMaker:
     """Makes the image of a work item with ``pipe``, patched for the item's arm, then restored.
 
     Bipartite methods (tome, cis) draw their random source/destination split from a generator
-    that sdmerge re-seeds at every UNet call from ``(seed, timestep)``; the item's own seed is
+    that sdmerge re-seeds at every UNet or transformer call from ``(seed, timestep)``; the item's own seed is
     passed, so the splits of an image do not depend on which images came before it. The other
     methods are deterministic and take no seed. The arm's plan reuse (``plan_every``,
-    ``share_plans``) is passed as it is.
+    ``share_plans``) is passed as it is, and sdmerge's defaults choose the blocks for the
+    model's family (UNet: the highest-resolution ones; transformer: all but the first and last).
     """
 
     def __init__(self, pipe, settings: GenerationSettings, device: torch.device):
@@ -112,6 +96,7 @@ class ImageMaker:
                 num_inference_steps=self.settings.steps,
                 guidance_scale=self.settings.guidance_scale,
                 generator=noise,
+                **self.settings.call_options,
             ).images[0]
             self._synchronize()
             return image, time.perf_counter() - start

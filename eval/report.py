@@ -140,9 +140,15 @@ def _best(cells: list[ArmResult], value: Callable[[ArmResult], float | None]) ->
 
 
 def write_markdown(
-    path: Path, results: Sequence[ArmResult], provenance: dict, notes: Sequence[str], banner: str | None = None
+    path: Path,
+    results: Sequence[ArmResult],
+    provenance: dict,
+    notes: Sequence[str],
+    banner: str | None = None,
+    subject: str | None = None,
 ) -> None:
-    """``results.md``: the FID table, the speed table, ``notes`` (warnings, skipped outputs), provenance."""
+    """``results.md``: the title (naming ``subject``, the model swept, and ``banner``), the FID
+    table, the speed table, ``notes`` (warnings, skipped outputs), provenance."""
     baseline = results[0]
 
     def fid(r: ArmResult) -> float:
@@ -157,7 +163,7 @@ def write_markdown(
         speedup = _speedup(r, baseline)
         return f"{seconds(r):g} s" + ("" if r is baseline else f" ({speedup:.2f}x)")
 
-    lines = ["# FID sweep results" + (f" ({banner})" if banner else ""), ""]
+    lines = ["# FID sweep results" + (f": {subject}" if subject else "") + (f" ({banner})" if banner else ""), ""]
     lines += [f"> {note}" for note in notes] + ([""] if notes else [])
     lines += ["## FID (lower is better)", ""]
     lines += _table(results, fid, lambda r: f"{fid(r):.2f}")

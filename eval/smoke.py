@@ -1,10 +1,19 @@
 """The offline miniature (``--preset smoke``): everything the real protocol downloads, made on the spot.
 
-- :func:`build_tiny_pipeline`: a Stable Diffusion pipeline with SD-1.5's architecture at toy
-  widths (UNet with SD-1.5's block layout, 4-level VAE, 2-layer CLIP text model, a byte-level
-  CLIP tokenizer whose vocabulary is the 256 byte symbols, PNDM with SD-1.5's scheduler
-  config, no safety checker), random weights from a fixed seed, saved to a folder that the
-  sweep then loads with ``from_pretrained`` exactly like a real model;
+- :func:`build_tiny_pipeline`: a pipeline of each family in :data:`TINY_FAMILIES` at toy widths,
+  random weights from a fixed seed, saved to a folder that the sweep then recognises and loads
+  with ``from_pretrained`` exactly like a real model (``eval/families.py``):
+
+  - ``sd``: SD-1.5's architecture (UNet with SD-1.5's block layout, 4-level VAE, 2-layer CLIP
+    text model, PNDM with SD-1.5's scheduler config, no safety checker);
+  - ``sd3``: SD3's (MMDiT of 3 joint blocks with patch 2 and 16 latent channels, two CLIP text
+    models with projections, a 2-layer T5 encoder, a VAE without quant convs and SD3's
+    scaling/shift factors, flow-matching Euler with shift 3), its VAE one level short (factor 4),
+    so that 64x64 pixels make the same 8x8 grid of merged tokens as the tiny UNet's top level;
+
+  CLIP tokenizers are byte-level (the 256 byte symbols), the T5 tokenizer character-level
+  (printable ASCII), so every prompt is encoded without unknown tokens; both models make
+  64x64 images when called without a size;
 - :func:`build_reference_images`: a fake ImageNet validation folder (class-folder layout, JPEG
   files of mixed sizes) that the real reference selection reads;
 - :func:`random_features`: a fixed random convolutional network (seeded) standing in for Inception.
@@ -14,6 +23,7 @@ Its numbers only check that the machinery runs; they say nothing about image qua
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,62 +37,44 @@ from .atomic import write_folder_atomically
 from .fid import FeatureExtractor
 
 SEED = 0
-TOKEN_GRID = 8  # latent side at 64x64 pixels (VAE factor 8): 64 tokens in the top-level attention blocks
+TOKEN_GRID = 8  # side of the merged blocks' token grid at 64x64 pixels: 64 tokens in both tiny models
+TEXT_TOKENS = 77  # the CLIP tokenizers' model_max_length, as the released models
+TINY_FAMILIES = ("sd", "sd3")
+"""The families of the tiny models, in the order the smoke preset sweeps them."""
 
 
-def build_tiny_pipeline(folder: Path) -> None:
-    """Save a tiny random-weight SD-1.5-shaped pipeline to ``folder`` (atomically; kept if present)."""
+def build_tiny_pipeline(folder: Path, family: str) -> None:
+    """Save the tiny random-weight pipeline of ``family`` (one of :data:`TINY_FAMILIES`) to
+    ``folder`` (atomically; kept if present)."""
+    builders = {"sd": _tiny_sd, "sd3": _tiny_sd3}
+    if family not in builders:
+        raise ValueError(f"no tiny model of family {family!r}; there are: {', '.join(TINY_FAMILIES)}")
     if (folder / "model_index.json").is_file():
         return
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    vocab = {}
-    for symbol in sorted(ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-        vocab[symbol + "</w>"] = len(vocab)  # the same byte at the end of a word
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(vocab),
-                hidden_size=32,
-                intermediate_size=64,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                max_position_embeddings=77,
-                bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=vocab["<|endoftext|>"],
-                pad_token_id=vocab["<|endoftext|>"],
-            )
-        )
-        unet = UNet2DConditionModel(
-            sample_size=TOKEN_GRID,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 32, 64, 64),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            sample_size=TOKEN_GRID * 8,
-        )
+        pipe = builders[family]()
+    write_folder_atomically(folder, pipe.save_pretrained)
+
+
+def _tiny_sd():
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = _clip_tokenizer()
+    text_encoder = CLIPTextModel(_clip_config(tokenizer))
+    unet = UNet2DConditionModel(
+        sample_size=TOKEN_GRID,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
     scheduler = PNDMScheduler(  # SD-1.5's scheduler config
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -92,8 +84,8 @@ def build_tiny_pipeline(folder: Path) -> None:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
+    return StableDiffusionPipeline(
+        vae=_vae((8, 8, 16, 16), latent_channels=4),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
@@ -102,7 +94,104 @@ def build_tiny_pipeline(folder: Path) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    write_folder_atomically(folder, pipe.save_pretrained)
+
+
+def _tiny_sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
+
+    clip_tokenizers = [_clip_tokenizer(), _clip_tokenizer()]
+    clip_encoders = [CLIPTextModelWithProjection(_clip_config(t, projection_dim=32)) for t in clip_tokenizers]
+    characters = [c for c in string.printable if not c.isspace()]
+    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]  # \u2581: T5's word start
+    t5_vocab += [(c, -3.0) for c in characters] + [("\u2581" + c, -2.5) for c in characters]
+    t5 = T5EncoderModel(  # <pad> = 0 and </s> = 1 are T5Config's defaults
+        T5Config(vocab_size=len(t5_vocab), d_model=64, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=2 * TOKEN_GRID,  # latent side: patch 2
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,  # the T5 width; the two CLIP widths side by side are padded to it, as in SD3
+        caption_projection_dim=32,
+        pooled_projection_dim=64,  # the two CLIP projections side by side
+        pos_embed_max_size=8 * TOKEN_GRID,  # token grids up to 64x64: images up to 512x512
+    )
+    vae = _vae(
+        (8, 16, 16),
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # SD3's scheduler config
+        vae=vae,
+        text_encoder=clip_encoders[0],
+        tokenizer=clip_tokenizers[0],
+        text_encoder_2=clip_encoders[1],
+        tokenizer_2=clip_tokenizers[1],
+        text_encoder_3=t5,
+        tokenizer_3=T5Tokenizer(vocab=t5_vocab, extra_ids=0),
+    )
+
+
+def _clip_tokenizer():
+    """A byte-level CLIP tokenizer: every byte symbol, alone and at the end of a word; no merges."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    vocab = {}
+    for symbol in sorted(ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+        vocab[symbol + "</w>"] = len(vocab)  # the same byte at the end of a word
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TEXT_TOKENS)
+
+
+def _clip_config(tokenizer, **config):
+    """A 2-layer CLIP text model of width 32 for ``tokenizer``; ``config``: more CLIPTextConfig arguments."""
+    from transformers import CLIPTextConfig
+
+    vocab = tokenizer.get_vocab()
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=TEXT_TOKENS,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        **config,
+    )
+
+
+def _vae(block_out_channels: tuple[int, ...], latent_channels: int, **config):
+    """An AutoencoderKL with one level per entry of ``block_out_channels`` (VAE factor 2 ** (levels - 1))."""
+    from diffusers import AutoencoderKL
+
+    levels = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=block_out_channels,
+        sample_size=TOKEN_GRID * 8,
+        **config,
+    )
 
 
 def build_reference_images(folder: Path, wnids: Sequence[str], per_class: int) -> None:

@@ -1,12 +1,15 @@
-"""The FID sweep: generate every arm's images (split over processes, resumable), then FID and
-timings per arm, then the result files. ``scripts/fid_sweep.py`` is its command line.
+"""The FID sweep of one model: generate every arm's images (split over processes, resumable),
+then FID and timings per arm, then the result files. ``scripts/fid_sweep.py`` is its command
+line (the smoke preset runs it once per tiny model).
 
 Stages, all in :func:`run`:
 
 1. checks before any image is made: the arms and classes, the reference folder (selection
-   only), that ``--output`` does not hold images made with other generation settings
-   (``run_settings.json``), the model (loaded by every process) and the feature extractor
-   (built by the main process);
+   only), the feature extractor (built by the main process), the model's family (from its
+   ``model_index.json``, ``eval/families.py``), the model (loaded by every process), the
+   generation settings (the family's defaults where none are given), and that the sweep's
+   folder ``--output/{family}`` does not hold images made with other settings
+   (``run_settings.json``);
 2. generation: each process makes its round-robin share (``eval/worklist.py``), skipping
    finished images (``eval/generate.py``); a progress bar on the main process;
 3. the main process waits for all, then computes the reference statistics (cached), every
@@ -35,7 +38,8 @@ from .atomic import is_temporary, write_json
 from .environment import device_name, library_versions
 from .errors import OFFLINE_HINT, UserError
 from .fid import FeatureExtractor, frechet_distance, image_statistics
-from .generate import TIMING, GenerationSettings, ImageMaker, generate, image_path, load_pipeline, read_timing
+from .families import Family, detect_family
+from .generate import TIMING, GenerationSettings, ImageMaker, generate, image_path, read_timing
 from .imagenet_classes import PROMPT_TEMPLATE, imagenet_classes
 from .inception import inception_extractor
 from .reference import PER_CLASS, reference_provenance, reference_statistics, select_reference
@@ -44,7 +48,7 @@ from .smoke import build_reference_images, build_tiny_pipeline, random_features
 from .worklist import Arm, WorkItem, make_arms, make_work_list, process_share
 
 SMOKE_WARNING = (
-    "SMOKE PRESET: a tiny random-weight pipeline and a random feature network instead of SD-1.5 and "
+    "SMOKE PRESET: a tiny random-weight pipeline and a random feature network instead of a real model and "
     "Inception. These numbers only check that the machinery runs; they say nothing about image "
     "quality or speed."
 )
@@ -56,21 +60,28 @@ BARRIER_TIMEOUT = timedelta(hours=6)  # how long processes wait for each other (
 class SweepConfig:
     """Everything a sweep depends on (``scripts/fid_sweep.py`` fills it from a preset and flags)."""
 
-    output: Path
-    model: str  # hub id or local folder; the smoke preset's own folder for --preset smoke
+    output: Path  # the sweep's files go to output / the model's family name
+    model: str  # hub id or local folder; for the smoke preset, where its tiny model is built
     methods: list[str]
     keep_rates: list[float]
     classes: list[int]
     images_per_class: int
-    generation: GenerationSettings
+    steps: int | None = None  # None: the family's default (eval/families.py)
+    guidance_scale: float | None = None  # None: the family's default
+    resolution: int | None = None  # None: the model's native size
     imagenet_val: Path | None = None
     imagenet_val_labels: Path | None = None
     inception_weights: Path | None = None
-    smoke: bool = False
+    tiny_model: str | None = None  # smoke preset: the family of the tiny model built at ``model`` (eval/smoke.py)
     base_seed: int = 0
     reference_per_class: int = PER_CLASS
     plan_every: list[int] = field(default_factory=lambda: [1])  # sdmerge's plan reuse, one arm per value
     share_plans: list[bool] = field(default_factory=lambda: [False])
+
+    @property
+    def smoke(self) -> bool:
+        """The offline miniature: a tiny model, made-up reference images, a random feature network."""
+        return self.tiny_model is not None
 
 
 def run(config: SweepConfig, log: Callable[[str], None] = print) -> list[report.ArmResult] | None:
@@ -97,30 +108,34 @@ def _run(config: SweepConfig, log: Callable[[str], None]) -> list[report.ArmResu
     if config.smoke:
         log(SMOKE_WARNING)
         with state.main_process_first():
-            build_tiny_pipeline(Path(config.model))
+            build_tiny_pipeline(Path(config.model), config.tiny_model)
             wnids = [imagenet_classes()[c].wnid for c in config.classes]
             build_reference_images(config.imagenet_val, wnids, config.reference_per_class)
     reference_files = _select_reference(config)
     extractor = None
     if state.is_main_process:  # built now, so that a missing file or download stops the run before generating
         extractor = random_features() if config.smoke else inception_extractor(config.inception_weights)
-    settings = _run_settings(config, dtype)
-    _check_run_settings(config.output / "run_settings.json", settings)
-    pipe = load_pipeline(config.model, state.device, dtype)
-    pipeline = {
-        "scheduler": type(pipe.scheduler).__name__,
-        "attention_processors": sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()}),
-        "safety_checker": "off",
-    }
+    family = detect_family(config.model)
+    folder = config.output / family.name
+    pipe = family.load(config.model, state.device, dtype)
+    generation = family.settings(pipe, config.steps, config.guidance_scale, config.resolution)
+    settings = _run_settings(config, family, generation, dtype)
+    _check_run_settings(folder / "run_settings.json", settings)
+    pipeline = family.as_loaded(pipe)
+    subject = f"{family.name}, {family.pipeline} from {config.model}"
+    log(
+        f"{subject}: {generation.resolution}x{generation.resolution} pixels, {generation.steps} steps, "
+        f"guidance {generation.guidance_scale} -> {folder}"
+    )
 
     state.wait_for_everyone()
     if state.is_main_process:  # the settings are recorded once a model with them has loaded
-        write_json(config.output / "run_settings.json", settings)
-        for leftover in (config.output / "images").glob("*/*"):
+        write_json(folder / "run_settings.json", settings)
+        for leftover in (folder / "images").glob("*/*"):
             if is_temporary(leftover):  # a write that a kill interrupted
                 leftover.unlink()
     state.wait_for_everyone()
-    _generate_share(config, state, items, pipe, log)
+    _generate_share(folder / "images", generation, state, items, pipe, log)
     del pipe
     if state.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -128,7 +143,7 @@ def _run(config: SweepConfig, log: Callable[[str], None]) -> list[report.ArmResu
     if not state.is_main_process:
         return None
 
-    results, reference = _evaluate(config, arms, items, reference_files, extractor, state.device, log)
+    results, reference = _evaluate(config, folder, arms, items, reference_files, extractor, state.device, log)
     provenance = {
         "preset": "smoke (numbers only check the machinery)" if config.smoke else "full",
         **settings,
@@ -138,7 +153,7 @@ def _run(config: SweepConfig, log: Callable[[str], None]) -> list[report.ArmResu
         "main_device": device_name(state.device),
         "versions": library_versions(),
     }
-    _write_results(config, results, items, provenance, log)
+    _write_results(config, folder, subject, generation.resolution, results, items, provenance, log)
     return results
 
 
@@ -158,10 +173,14 @@ def _protocol(config: SweepConfig, reference: dict, extractor: FeatureExtractor)
 
 
 def _generate_share(
-    config: SweepConfig, state: PartialState, items: list[WorkItem], pipe, log: Callable[[str], None]
+    images_dir: Path,
+    generation: GenerationSettings,
+    state: PartialState,
+    items: list[WorkItem],
+    pipe,
+    log: Callable[[str], None],
 ) -> None:
     """Make this process's share of the images that do not exist yet (progress bar on the main process)."""
-    images_dir = config.output / "images"
     share = process_share(items, state.process_index, state.num_processes)
     done = sum(image_path(images_dir, item).exists() for item in share)
     log(
@@ -172,7 +191,7 @@ def _generate_share(
     with tqdm(
         total=len(share), initial=done, unit="image", desc="generating", disable=not state.is_main_process
     ) as bar:
-        generate(share, images_dir, ImageMaker(pipe, config.generation, state.device), origin, bar.update)
+        generate(share, images_dir, ImageMaker(pipe, generation, state.device), origin, bar.update)
 
 
 def _select_reference(config: SweepConfig) -> list[Path]:
@@ -186,13 +205,16 @@ def _select_reference(config: SweepConfig) -> list[Path]:
     return select_reference(config.imagenet_val, wnids, config.reference_per_class, config.imagenet_val_labels)
 
 
-def _run_settings(config: SweepConfig, dtype: torch.dtype) -> dict:
-    """The settings every image in ``--output`` must share (arms and classes may change between runs)."""
+def _run_settings(config: SweepConfig, family: Family, generation: GenerationSettings, dtype: torch.dtype) -> dict:
+    """The settings every image of a sweep's folder must share (arms and classes may change between runs)."""
     return {
         "model": config.model,
-        "steps": config.generation.steps,
-        "guidance_scale": config.generation.guidance_scale,
-        "resolution": config.generation.resolution,
+        "family": family.name,
+        "pipeline": family.pipeline,
+        "steps": generation.steps,
+        "guidance_scale": generation.guidance_scale,
+        "resolution": generation.resolution,
+        "pipeline_call_options": dict(generation.call_options),
         "dtype": str(dtype).removeprefix("torch."),
         "prompt_template": PROMPT_TEMPLATE,
         "base_seed": config.base_seed,
@@ -210,13 +232,14 @@ def _check_run_settings(path: Path, settings: dict) -> None:
     ]
     if changed:
         raise UserError(
-            f"--output {path.parent} holds images made with other settings ({'; '.join(changed)}). "
+            f"{path.parent} holds images made with other settings ({'; '.join(changed)}). "
             f"Use another --output, or delete that folder to start over."
         )
 
 
 def _evaluate(
     config: SweepConfig,
+    folder: Path,
     arms: list[Arm],
     items: list[WorkItem],
     reference_files: list[Path],
@@ -225,7 +248,7 @@ def _evaluate(
     log: Callable[[str], None],
 ) -> tuple[list[report.ArmResult], dict]:
     """FID and timing of every arm, from the files on disk; returns ``(results, reference provenance)``."""
-    images_dir = config.output / "images"
+    images_dir = folder / "images"
     missing = [item for item in items if not image_path(images_dir, item).exists()]
     if missing:
         raise UserError(
@@ -235,7 +258,7 @@ def _evaluate(
     provenance = reference_provenance(reference_files, config.imagenet_val, config.reference_per_class, extractor)
     with tqdm(total=len(reference_files) + len(items), unit="image", desc="FID features") as bar:
         reference, reused = reference_statistics(
-            reference_files, provenance, extractor, config.output / "reference_stats.npz", device, bar.update
+            reference_files, provenance, extractor, folder / "reference_stats.npz", device, bar.update
         )
         if reused:
             bar.update(len(reference_files))
@@ -267,12 +290,14 @@ def _evaluate(
 
 def _write_results(
     config: SweepConfig,
+    out: Path,
+    subject: str,
+    resolution: int,
     results: list[report.ArmResult],
     items: list[WorkItem],
     provenance: dict,
     log: Callable[[str], None],
 ) -> None:
-    out = config.output
     notes = [SMOKE_WARNING] if config.smoke else []
     banner = report.SMOKE_BANNER if config.smoke else None
     grid_classes = [c for c in GRID_CLASSES if c in config.classes] or config.classes[:4]
@@ -283,7 +308,7 @@ def _write_results(
         out / report.GRID_FILE,
         rows,
         [names[c].name.split(",")[0] for c in grid_classes],
-        tile=min(config.generation.resolution, 192),
+        tile=min(resolution, 192),
         banner=banner,
     )
     if report.write_plot(out / report.PLOT_FILE, results, banner):
@@ -292,7 +317,7 @@ def _write_results(
         plot_line = 'plot skipped: matplotlib is not installed (pip install -e ".[plots]")'
         notes = notes + [plot_line]
     report.write_csv(out / "results.csv", results, provenance)
-    report.write_markdown(out / "results.md", results, provenance, notes, banner)
+    report.write_markdown(out / "results.md", results, provenance, notes, banner, subject)
     log("")
     log((out / "results.md").read_text().split("## Provenance")[0].rstrip())
     log("")
