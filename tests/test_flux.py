@@ -309,3 +309,30 @@ def test_caches_compose_with_merging_in_either_order_and_each_removes_alone(cach
         first(pipe), second(pipe)
         pipe.transformer.disable_cache()
         assert torch.equal(flux_call(pipe, steps=4), outputs["merging"])
+
+
+def test_under_a_cache_a_single_stream_body_hands_every_token_on():
+    """A cache keeps what a hooked module returns and replays it in later calls, whose plans group
+    other tokens: so where a diffusers hook wraps a single-stream block's attention, its output
+    (seen outside the hook, as the block and the cache see it) is every token, T + N, not the
+    merged body's T + M; merging runs inside each module instead, and computes the same output."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    transformer, inputs = model(), flux_inputs()  # 12 prompt tokens, 64 image tokens
+    seen = []
+    for block in transformer.single_transformer_blocks:
+        block.attn.register_forward_hook(lambda module, args, kwargs, output: seen.append(output.shape[1]),
+                                         with_kwargs=True)
+    plain = run(transformer, inputs)
+    sdmerge.apply(transformer, "tome", r=0.5, seed=0, blocks=ALL, merge_mlp=True)
+    seen.clear()
+    merged_body = run(transformer, inputs)
+    assert seen == [12 + 32] * 3  # every block's body runs merged
+
+    for block in transformer.single_transformer_blocks:  # a hook that changes nothing, where caches sit
+        HookRegistry.check_if_exists_or_initialize(block.attn).register_hook(ModelHook(), "passing")
+    seen.clear()
+    cached = run(transformer, inputs)
+    assert seen == [12 + 64] * 3
+    torch.testing.assert_close(cached, merged_body, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cached, plain, atol=1e-3)

@@ -21,7 +21,13 @@ Only image tokens are merged. Where a module receives the prompt's tokens first 
 tokens after them in one sequence (a single-stream block, ``Branch.text_first``), only the last
 ``N`` tokens are merged and unmerged. A single-stream block's body (attention and MLP on one
 normed sequence, one output projection) can also run merged as a whole (:class:`SpanStart`,
-:class:`SpanEnd`), every token keeping its own residual.
+:class:`SpanEnd`), every token keeping its own residual. It does so only where no diffusers hook (a
+cache: pyramid attention broadcast, TaylorSeer) wraps the norm, the attention or the MLP, whose
+outputs would then be merged tokens: a cache keeps a module's output and replays it (or
+extrapolates from it) in later calls, whose plans group other tokens, so what leaves a cached
+module must be every token. There each of attention, MLP and output projection merges its input
+and unmerges its output instead, as the branches of other blocks do (same result, a few more
+gathers).
 
 The hooks wrap the branch modules' forward (:mod:`sdmerge.diffusion.forward_hooks`), not their
 attention processors: whatever processor a layer has (set before or after ``apply``: attention
@@ -37,8 +43,9 @@ from torch import Tensor
 
 from ..core import proportional_attention_bias
 from ..core.plan import MergePlan
-from .call import CurrentCall
+from .call import CallState, CurrentCall
 from .config import MergeConfig
+from .forward_hooks import has_diffusers_hooks
 from .layout import AttentionTokens, Branch
 from .merged_block import MergedBlock
 
@@ -93,11 +100,11 @@ class SelfAttentionBranch:
 
     The module runs as it is where it can (merged tokens as its input; diffusers' self-attention:
     merged keys and values as ``encoder_hidden_states``, ``log(sizes)`` as ``attention_mask``), else
-    through the layout's :attr:`~.layout.Branch.merged_attention`. ``in_span``: the attention of a
-    single-stream block whose body runs merged: its input is merged already (:class:`SpanStart`)."""
+    through the layout's :attr:`~.layout.Branch.merged_attention`. In a single-stream block whose
+    body runs merged in this call (:class:`SpanStart`) its input is merged already."""
 
-    def __init__(self, block: MergedBlock, config: MergeConfig, current: CurrentCall, in_span: bool = False):
-        self.block, self.config, self.current, self.in_span = block, config, current, in_span
+    def __init__(self, block: MergedBlock, config: MergeConfig, current: CurrentCall):
+        self.block, self.config, self.current = block, config, current
         self.branch = block.site.attention
 
     def around(self, module, forward, args: tuple, kwargs: dict):
@@ -108,10 +115,8 @@ class SelfAttentionBranch:
         branch, config = self.branch, self.config
         sequence = branch.tokens.get(args, kwargs)
         text = None if branch.text is None else branch.text.get(args, kwargs)
-        if self.in_span:
-            merge = call.plans.get(self.block.name)
-            if merge is None:
-                return forward(*args, **kwargs)
+        if self.block.name in call.merged_bodies:
+            merge = call.plans[self.block.name]
             prefix, merged = _split(sequence, merge[0].num_groups, branch.text_first)
             return branch.merged_attention(module, args, kwargs, self._tokens(call, merge, merged, merged, prefix, True))
         prefix, image = _split(sequence, call.counts[self.block.name], branch.text_first)
@@ -151,9 +156,10 @@ class SelfAttentionBranch:
 
 class LaterBranch:
     """Around a branch after the self-attention (``merge_crossattn``: the cross-attention or
-    second self-attention; ``merge_mlp``: the feed-forward): merge its tokens with the block's
-    plan, unmerge its output; unchanged when the block merges nothing in this call. The prompt is
-    never merged."""
+    second self-attention; ``merge_mlp``: the feed-forward; a single-stream block's output
+    projection): merge its tokens with the block's plan, unmerge its output; unchanged when the
+    block merges nothing in this call, or its body runs merged (its input is merged already). The
+    prompt is never merged."""
 
     def __init__(self, block: MergedBlock, branch: Branch, option: str, current: CurrentCall):
         self.block, self.branch, self.option, self.current = block, branch, option, current
@@ -161,7 +167,7 @@ class LaterBranch:
     def around(self, module, forward, args: tuple, kwargs: dict):
         call = self.current.get()
         merge = None if call is None else call.plans.get(self.block.name)
-        if merge is None:
+        if merge is None or self.block.name in call.merged_bodies:
             return forward(*args, **kwargs)
         plan, weights = merge
         prefix, image = _split(self.branch.tokens.get(args, kwargs), plan.num_tokens, self.branch.text_first)
@@ -178,11 +184,13 @@ class LaterBranch:
 class SpanStart:
     """Around the module that opens a single-stream block's body (its norm, which runs before the
     attention and the MLP): make the block's plan from the image part of its output; with
-    ``merge`` (the body runs merged), merge that part, so that the body runs on ``T + M`` tokens."""
+    ``merge`` (the body runs merged), merge that part, so that the body runs on ``T + M`` tokens,
+    unless a diffusers hook sees the body's merged tokens (module docstring)."""
 
     def __init__(self, block: MergedBlock, current: CurrentCall, merge: bool):
         self.block, self.current, self.merge = block, current, merge
         self.span = block.site.span
+        self.body = (self.span.start, block.site.attention.module, block.site.mlp.module)
 
     def around(self, module, forward, args: tuple, kwargs: dict):
         output = forward(*args, **kwargs)
@@ -192,21 +200,23 @@ class SpanStart:
         sequence = output if self.span.start_output is None else output[self.span.start_output]
         prefix, image = _split(sequence, call.counts[self.block.name], True)
         merge = self.block.plan(call, self.block.site.attention.module, image, prefix)
-        if merge is None or not self.merge:
+        if merge is None or not self.merge or any(has_diffusers_hooks(part) for part in self.body):
             return output
+        call.merged_bodies.add(self.block.name)
         plan, weights = merge
         return _replaced(output, self.span.start_output, _joined(prefix, plan.merge(image, weights)))
 
 
-class SpanEnd:
-    """Around the module that closes a single-stream block's merged body (its output projection):
-    unmerge the image part of its output, before the block's gate and residual."""
+class SpanEnd(LaterBranch):
+    """Around the output projection that closes a single-stream block's body: where the body ran
+    merged, unmerge the image part of its output, before the block's gate and residual; otherwise
+    merge its input and unmerge its output (:class:`LaterBranch`)."""
 
     def __init__(self, block: MergedBlock, current: CurrentCall):
-        self.block, self.current = block, current
+        super().__init__(block, block.site.span.end, "merge_mlp", current)
 
     def around(self, module, forward, args: tuple, kwargs: dict):
-        output = forward(*args, **kwargs)
-        call = self.current.get()
-        merge = None if call is None else call.plans.get(self.block.name)
-        return output if merge is None else _unmerged(merge[0], output, True)
+        call: CallState | None = self.current.get()
+        if call is None or self.block.name not in call.merged_bodies:
+            return super().around(module, forward, args, kwargs)
+        return _unmerged(call.plans[self.block.name][0], forward(*args, **kwargs), True)

@@ -51,6 +51,7 @@ class CallState:
         metrics: the input tokens ``[B, N, C]`` of each merged block, until its plan is made.
         counts: the number ``N`` of image tokens of each merged block in this call.
         plans: each merged block's plan and weights, ``None`` where the block merges nothing.
+        merged_bodies: the single-stream blocks whose whole body runs on merged tokens in this call.
     """
 
     generation: Generation
@@ -62,6 +63,7 @@ class CallState:
     metrics: dict[str, Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     plans: dict[str, Merge | None] = field(default_factory=dict)
+    merged_bodies: set[str] = field(default_factory=set)
 
 
 class CurrentCall:

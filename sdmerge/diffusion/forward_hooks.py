@@ -46,6 +46,12 @@ def _innermost_reference(module: nn.Module):
     return innermost, ("original_forward" if getattr(innermost, "original_forward", None) is not None else "forward")
 
 
+def has_diffusers_hooks(module: nn.Module) -> bool:
+    """Whether diffusers' hooks (a cache) wrap ``module``'s forward: they see, and may keep and
+    replay in a later call, what it returns."""
+    return _innermost_reference(module) is not None
+
+
 class ForwardHook:
     """``around`` the forward of ``module``, installed as its ``forward`` (inside diffusers' hooks)."""
 

@@ -145,14 +145,15 @@ class PromptMass:
 @dataclass(eq=False)
 class Span:
     """A single-stream block's body (its attention and MLP read one normed sequence and share one
-    output projection): the image tokens are merged at ``start``'s output (``[B, T + N, C]``,
+    output projection ``end``): the image tokens are merged at ``start``'s output (``[B, T + N, C]``,
     element ``start_output`` of a tuple), so that everything up to ``end`` runs on merged tokens,
     and unmerged at ``end``'s output, before the block's gate and residual. Used when both
-    ``merge_attn`` and ``merge_mlp`` merge the body."""
+    ``merge_attn`` and ``merge_mlp`` merge the body, and no diffusers hook (a cache) sits on the
+    modules whose outputs would then be merged: otherwise ``end`` is merged as a branch of its own."""
 
     start: nn.Module
     start_output: int | None
-    end: nn.Module
+    end: Branch
 
 
 @dataclass(eq=False)

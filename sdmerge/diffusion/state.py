@@ -144,14 +144,14 @@ class MergeState:
         merged_body = site.span is not None and config.merge_attn and config.merge_mlp and not config.kv_only
         if site.span is not None:  # a single-stream block plans at its norm, which runs first
             self._hook(site.span.start, SpanStart(block, self.current, merge=merged_body).around)
-        self._hook(site.attention.module, SelfAttentionBranch(block, config, self.current, in_span=merged_body).around)
+        self._hook(site.attention.module, SelfAttentionBranch(block, config, self.current).around)
         if merged_body:
-            self._hook(site.span.end, SpanEnd(block, self.current).around)
+            self._hook(site.span.end.module, SpanEnd(block, self.current).around)
         if self.method.needs_importance and not site.mass.this_call:
             # inside a merging wrapper of the same module (installed next): p of the merged tokens
             self._hook(site.mass.module, partial(self.record_mass, block, site.mass.function))
         for branch, option in ((site.crossattn, "merge_crossattn"), (site.mlp, "merge_mlp")):
-            if getattr(config, option) and branch is not None and not merged_body:
+            if getattr(config, option) and branch is not None:
                 self._hook(branch.module, LaterBranch(block, branch, option, self.current).around)
 
     def uninstall(self) -> None:

@@ -20,9 +20,10 @@ Flux differs from SD3 in two ways that matter for merging:
   normed sequence, projects both back with one ``proj_out`` and adds the residual. Its plan is made
   at the norm's output (which runs first). With ``merge_attn`` and ``merge_mlp`` the whole body runs
   merged: the image part is merged after the norm and unmerged after ``proj_out``, before the gate
-  and the residual, so every token keeps its own residual. With ``merge_attn`` alone only the
-  attention runs merged (its output unmerged before ``proj_out``); with ``merge_mlp`` alone, the
-  MLP's input projection.
+  and the residual, so every token keeps its own residual (where a diffusers cache hooks the norm,
+  the attention or the MLP, each of them and ``proj_out`` merge and unmerge on their own instead:
+  a cache must keep every token). With ``merge_attn`` alone only the attention runs merged (its
+  output unmerged before ``proj_out``); with ``merge_mlp`` alone, the MLP's input projection.
 
 Double-stream blocks merge as SD3's joint blocks: the image tokens of the joint attention (the
 prompt's tokens never), and the image feed-forward with ``merge_mlp``. ``cis`` / ``crucial``: the
@@ -244,7 +245,7 @@ def _single_site(name: str, block, pos_embed: nn.Module) -> BlockSite:
         name, block, HIDDEN_STATES, carrier="", attention=attention,
         mlp=Branch(f"{name}.proj_mlp", block.proj_mlp, Argument("input", 0), text_first=True),
         mass=PromptMass(block.attn, partial(joint_attention_mass, pos_embed), this_call=True),
-        span=Span(block.norm, 0, block.proj_out),
+        span=Span(block.norm, 0, Branch(f"{name}.proj_out", block.proj_out, Argument("input", 0), text_first=True)),
     )
 
 
