@@ -336,3 +336,24 @@ def test_under_a_cache_a_single_stream_body_hands_every_token_on():
     assert seen == [12 + 64] * 3
     torch.testing.assert_close(cached, merged_body, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(cached, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize(("method", "ff_tokens"), [("tome", [32, 32]), ("cis", [32, 64])])
+def test_a_block_whose_attention_a_cache_replays_still_merges_its_feed_forward(method, ff_tokens):
+    """Pyramid attention broadcast replays the attention's output in every second call: the plan,
+    usually made in the attention, is then made for the feed-forward from the block's input
+    (``tome``); ``cis`` weights by this call's attention inputs, which it does not have: its
+    feed-forward runs unmerged in that call."""
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    transformer, inputs = model(), flux_inputs()  # 64 image tokens
+    transformer.enable_cache(PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=lambda: 500,
+    ))
+    sdmerge.apply(transformer, method, r=0.5, seed=0, blocks=ALL, merge_mlp=True)
+    seen = []
+    transformer.transformer_blocks[0].ff.net[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    outputs = [run(transformer, inputs, t) for t in (0.9, 0.8)]  # the second call replays every attention
+    assert seen == ff_tokens
+    assert all(torch.isfinite(out).all() for out in outputs)

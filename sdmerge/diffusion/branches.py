@@ -159,15 +159,18 @@ class LaterBranch:
     second self-attention; ``merge_mlp``: the feed-forward; a single-stream block's output
     projection): merge its tokens with the block's plan, unmerge its output; unchanged when the
     block merges nothing in this call, or its body runs merged (its input is merged already). The
-    prompt is never merged."""
+    prompt is never merged. Where the self-attention did not run (a cache replayed its output),
+    the plan is made here (:meth:`MergedBlock.plan_without_attention`)."""
 
     def __init__(self, block: MergedBlock, branch: Branch, option: str, current: CurrentCall):
         self.block, self.branch, self.option, self.current = block, branch, option, current
 
     def around(self, module, forward, args: tuple, kwargs: dict):
         call = self.current.get()
-        merge = None if call is None else call.plans.get(self.block.name)
-        if merge is None or self.block.name in call.merged_bodies:
+        if call is None or self.block.name in call.merged_bodies:
+            return forward(*args, **kwargs)
+        merge = call.plans[self.block.name] if self.block.name in call.plans else self.block.plan_without_attention(call)
+        if merge is None:
             return forward(*args, **kwargs)
         plan, weights = merge
         prefix, image = _split(self.branch.tokens.get(args, kwargs), plan.num_tokens, self.branch.text_first)

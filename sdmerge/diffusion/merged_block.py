@@ -62,6 +62,17 @@ class MergedBlock:
             call.plans[self.name] = self._plan(call, attn, image, text)
         return call.plans[self.name]
 
+    def plan_without_attention(self, call: CallState) -> Merge | None:
+        """The plan of a call in which the block's self-attention did not run (a diffusers cache
+        replayed its output), for its later branches: made from the block's input as usual, except
+        for methods weighting by the prompt's attention on this call's attention inputs (``cis``,
+        ``crucial``), which have none: the block then merges nothing in this call."""
+        if self.state.method.needs_importance:
+            call.plans[self.name] = None
+            call.metrics.pop(self.name, None)
+            return None
+        return self.plan(call, self.site.attention.module, call.metrics[self.name])
+
     def _plan(self, call: CallState, attn: nn.Module, image: Tensor, text: Tensor | None) -> Merge | None:
         metric = call.metrics.pop(self.name, None)
         if metric is None or metric.shape[:2] != image.shape[:2]:
