@@ -1,4 +1,4 @@
-"""One-shot GPU benchmark: every figure issue 9 asks of a GPU, in one run, written as markdown.
+"""One-shot GPU benchmark: the UNet, clustering and ViT figures of docs/benchmarks.md on one GPU, in one run, as markdown.
 
 Sections, each timed by the project's own benchmark code (nothing here re-implements a timer):
 
@@ -15,11 +15,13 @@ Sections, each timed by the project's own benchmark code (nothing here re-implem
    operations and host synchronisations per round, and the partitions checked against scipy.
 3. ViT/DeiT throughput (``bench_vit``): DeiT-S and ViT-B at batch 256 for ``tome``,
    ``atc_average`` and ``cis`` under ToMe's 13 tokens per block and the stage protocol.
-4. Diffusion transformers (``bench_dit``, issue 21): SD3-Medium and PixArt-Sigma at their real
-   widths and full depth (24 and 28 blocks), random weights, batch 2, 1024x1024 and 512x512:
-   unpatched, ``tome`` r=0.5 (self-attention, and with ``merge_mlp``), ``grid`` r=0.25 with
-   ``kv_only``, ``atc_average`` r=0.5 with ``share_plans, plan_every=5``, each timed over the
-   first ``calls`` calls of a generation, beside the bound from counted FLOPs.
+4. Diffusion transformers (``bench_dit``, issues 21 and 22): SD3-Medium, PixArt-Sigma and
+   FLUX.1-dev at their real widths and full depth (24, 28 and 19 + 38 blocks), random weights,
+   batch 2 (FLUX.1-dev: 1), 1024x1024 and 512x512: unpatched, ``tome`` r=0.5 (self-attention,
+   and with ``merge_mlp``), ``grid`` r=0.25 with ``kv_only``, ``atc_average`` r=0.5 with
+   ``share_plans, plan_every=5``, and for Flux pyramid attention broadcast alone and on top of
+   ``tome`` and ``grid``, each timed over the first ``calls`` calls of a generation, beside the
+   bound from counted FLOPs.
 
 On a GPU machine without a package registry (it has torch, transformers, scipy; not diffusers,
 tomesd or fastcluster), bring their wheels along and install them without dependencies in the
@@ -29,12 +31,21 @@ same command:
     pip install --no-deps wheels/*.whl && python scripts/bench_gpu.py        # there
 
 The markdown (GPU, driver, CUDA, torch, dtype, attention backend, then one table per section)
-is printed and written to ``--out``. ``--device cpu --quick`` runs the same code end to end at
-tiny sizes (SD-1.5's block layout at small widths, 256 tokens, a 2-block ViT, 4-block SD3 and
-PixArt at tiny widths on 64 tokens) in well under a minute: it checks the script, its numbers mean nothing. Timing notes: the UNet sections
-synchronise the device around each plan and merge call (``bench_unet.OverheadTimer``, for the
-plan share), the same for every arm, and the DiT section around every block (for its parts of a
-step); everything runs interleaved and after warm-up calls.
+is printed and written to ``--out`` (default ``outputs/bench_gpu.md``; the last line printed says
+where). ``--device cpu --quick`` runs the same code end to end at tiny sizes (SD-1.5's block
+layout at small widths, 256 tokens, a 2-block ViT, 4-block SD3, PixArt and Flux at tiny widths on
+64 tokens) in about a minute: it checks the script, its numbers mean nothing. Timing notes: the
+UNet sections synchronise the device around each plan and merge call (``bench_unet.OverheadTimer``,
+for the plan share), the same for every arm, and the DiT section around every block (for its
+parts of a step); everything runs interleaved and after warm-up calls.
+
+The step table and the merging-modes table both time the unpatched UNet at the same size, each
+in its own interleaved run, and every ratio compares arms of one run. The two unpatched times
+should agree; the report prints both, and says so when they differ by more than
+:data:`DRIFT`: the machine's speed changed between the runs (other processes, clocks; on a CPU,
+torch's threads stall whenever another process holds a core: a quick run on a busy 2-core machine
+showed 9.8 s and 0.30 s for a step that takes 0.04 s on an idle one), so compare times within a
+table only.
 """
 
 from __future__ import annotations
@@ -50,16 +61,20 @@ from pathlib import Path
 
 import torch
 
-import bench_clustering
-import bench_dit
-import bench_unet
-import bench_vit
-from vit_variants import Variant
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for eval/
+
+import bench_clustering  # noqa: E402
+import bench_dit  # noqa: E402
+import bench_unet  # noqa: E402
+import bench_vit  # noqa: E402
+from eval.optional import require  # noqa: E402
+from eval.vit_variants import Variant  # noqa: E402
 
 SD_METHODS = ("tome", "atc_single", "atc_complete", "atc_average", "cis", "crucial")
 VIT_METHODS = ("tome", "atc_average", "cis")
 LINKAGES = ("single", "complete", "average")
 KEEP_RATE = 0.4
+DRIFT = 1.5  # the ratio of the two unpatched step times above which the report warns
 
 FULL = dict(
     unet_widths=None,  # SD-1.5's own (320, 640, 1280, 1280)
@@ -71,7 +86,7 @@ FULL = dict(
     vit_blocks=12,
     vit_batch=256,
     vit_repetitions=5,
-    dit=dict(sides=(1024, 512), blocks=None, batch=2, repetitions=3, calls=5, quick=False),  # blocks None: all
+    dit=dict(sides=(1024, 512), blocks=None, batch=None, repetitions=3, calls=5, quick=False),  # None: all, each model's
 )
 QUICK = dict(
     unet_widths=(32, 64, 64, 64),
@@ -83,7 +98,7 @@ QUICK = dict(
     vit_blocks=2,
     vit_batch=4,
     vit_repetitions=1,
-    dit=dict(sides=(bench_dit.QUICK_SIDE,), blocks=4, batch=2, repetitions=1, calls=5, quick=True),
+    dit=dict(sides=(bench_dit.QUICK_SIDE,), blocks=4, batch=None, repetitions=1, calls=5, quick=True),
 )
 
 
@@ -135,7 +150,25 @@ def unet_sections(device, dtype, sizes: dict) -> list[str]:
             unet, side, sizes["repetitions"], dtype, device, batch=batch, table=bench_unet.modes_settings()
         )
         lines += ["", bench_unet.markdown(side, modes, "wall", batch=batch, reference=bench_unet.REFERENCE)]
+        lines += ["", unpatched_agreement(side, steps[0].times, modes[0].times)]
     return lines
+
+
+def unpatched_agreement(side: int, step_times: list[float], modes_times: list[float]) -> str:
+    """A note comparing the unpatched step of the step table with that of the modes table (see
+    the module docstring), with a warning when they differ by more than :data:`DRIFT`."""
+    first, second = statistics.median(step_times), statistics.median(modes_times)
+    note = (
+        f"Each table is its own interleaved run, and its ratios compare arms of that run. The unpatched step "
+        f"at {side}x{side}: {first:.3f} s in the step table, {second:.3f} s in the modes table"
+    )
+    if max(first, second) > DRIFT * min(first, second):
+        return note + (
+            f". **They differ by {max(first, second) / min(first, second):.1f}x: the machine's speed changed "
+            "between the runs (other processes, clocks; on a CPU, torch's threads stall while another process "
+            "holds a core); compare times within a table only.**"
+        )
+    return note + "."
 
 
 def cluster_section(device, sizes: dict) -> list[str]:
@@ -189,7 +222,7 @@ def vit_section(device, dtype, sizes: dict) -> list[str]:
 
 
 def dit_section(device, dtype, sizes: dict) -> list[str]:
-    """SD3-Medium and PixArt-Sigma (``bench_dit``): every arm's speed-up beside its FLOP bound."""
+    """SD3-Medium, PixArt-Sigma and FLUX.1-dev (``bench_dit``): every arm's speed-up beside its FLOP bound."""
     case = sizes["dit"]
     results = bench_dit.measure(
         bench_dit.MODELS, case["sides"], case["blocks"], case["batch"], case["repetitions"], case["calls"],
@@ -206,6 +239,7 @@ def main(argv=None) -> str:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script end to end")
     parser.add_argument("--out", default="outputs/bench_gpu.md", help="markdown file to write")
     args = parser.parse_args(argv)
+    require(bench_unet.tomesd, bench_clustering.hierarchy, bench_clustering.distance)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here (use --device cpu --quick to check the script)")
@@ -217,13 +251,14 @@ def main(argv=None) -> str:
     lines += ["", "## Stable Diffusion UNet (SD-1.5 layout, random weights)"] + unet_sections(device, dtype, sizes)
     lines += ["", "## Exact ATC clustering"] + cluster_section(device, sizes)
     lines += ["", "## ViT/DeiT throughput"] + vit_section(device, dtype, sizes)
-    lines += ["", "## Diffusion transformers (SD3-Medium, PixArt-Sigma; random weights)"]
+    lines += ["", "## Diffusion transformers (SD3-Medium, PixArt-Sigma, FLUX.1-dev; random weights)"]
     lines += dit_section(device, dtype, sizes)
     report = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     print("\n" + report, flush=True)
+    print(f"written to {out.resolve()}", flush=True)
     return report
 
 

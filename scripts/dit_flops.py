@@ -1,4 +1,4 @@
-"""Counted FLOPs of SD3 (MMDiT) and PixArt (DiT) blocks, unpatched and merged: what token merging
+"""Counted FLOPs of SD3 (MMDiT), PixArt (DiT) and Flux blocks, unpatched and merged: what token merging
 could save at most, the bound the measured speed-ups of ``bench_dit.py`` are compared with.
 
 What is counted: the matrix products, 2 FLOPs per multiply-add (``[m, k] @ [k, n]``: ``2 m k n``),
@@ -10,7 +10,10 @@ of every layer whose cost grows with the number of tokens:
 - the feed-forward (``C -> mlp_ratio * C -> C``);
 - outside the blocks (the same in every arm): the patch embedding (a ``p x p`` strided convolution,
   i.e. a ``p * p * in_channels -> C`` projection per token), the prompt's projection into the
-  model (SD3 ``context_embedder``, PixArt ``caption_projection``) and the final ``proj_out``.
+  model (SD3 and Flux ``context_embedder``, PixArt ``caption_projection``) and the final ``proj_out``;
+- Flux's single-stream blocks: q, k, v projections and the MLP's input projection (``C -> 4C``) on
+  the prompt's and the image's tokens together, attention over both, one output projection
+  ``5C -> C`` of the attention's and the MLP's outputs side by side.
 
 Not counted: the per-sample modulation layers (adaLN, timestep and pooled-prompt embeddings:
 ``[B, C] @ [C, 6C]``, independent of the tokens, about 0.01 % of a block at 1024x1024),
@@ -25,7 +28,10 @@ joint attention they are queries and keys beside the merged image tokens); ``kv_
 tokens, merged before their projections (ToDo's pooling); ``merge_mlp`` runs the image
 feed-forward on ``M``; ``merge_crossattn`` (PixArt) the cross-attention's queries and output
 projection. SD3's prompt stream (its feed-forward ``ff_context``) is never merged, and its last
-block (``context_pre_only``) has no prompt output projection and no prompt feed-forward.
+block (``context_pre_only``) has no prompt output projection and no prompt feed-forward. Flux's
+double-stream blocks count as SD3's joint blocks (none of them ``context_pre_only``); in its
+single-stream blocks the prompt's tokens are never merged, and the output projection runs on the
+merged tokens when both the attention's queries and the MLP do (``merge_mlp`` without ``kv_only``).
 
 Importable (``scripts/`` on ``sys.path``): :class:`ModelShape` (from a diffusers config),
 :class:`BranchTokens`, :func:`branch_tokens`, :func:`block_flops`, :func:`step_flops`,
@@ -91,8 +97,9 @@ def branch_tokens(tokens: int, keep_rate: float | None = None, options: dict | N
 class ModelShape:
     """What the FLOPs of a diffusion transformer depend on.
 
-    ``family``: ``"sd3"`` (joint blocks) or ``"pixart"`` (self-attention, cross-attention,
-    feed-forward); ``width``: ``C``; ``text_tokens``: ``T``; ``text_width``: the width of the
+    ``family``: ``"sd3"`` (joint blocks), ``"pixart"`` (self-attention, cross-attention,
+    feed-forward) or ``"flux"`` (joint blocks, then single-stream blocks from index
+    ``single_from``); ``width``: ``C``; ``text_tokens``: ``T``; ``text_width``: the width of the
     prompt embeddings the model takes (T5: 4096); ``patch``, ``in_channels``, ``out_channels``:
     the patch embedding and final projection."""
 
@@ -104,13 +111,20 @@ class ModelShape:
     patch: int
     in_channels: int
     out_channels: int
-    mlp_ratio: int = 4  # diffusers' FeedForward(mult=4), in both models
+    mlp_ratio: int = 4  # diffusers' FeedForward(mult=4) in every model; Flux's single-stream mlp_ratio 4
+    single_from: int | None = None  # Flux: the index of the first single-stream block
 
     @classmethod
     def from_config(cls, family: str, config: dict, text_tokens: int, depth: int | None = None) -> ModelShape:
         """The shape of ``SD3Transformer2DModel(**config)`` / ``PixArtTransformer2DModel(**config)``
-        called with ``text_tokens`` prompt tokens; ``depth``: another number of blocks."""
-        text_width = config["joint_attention_dim"] if family == "sd3" else config["caption_channels"]
+        / ``FluxTransformer2DModel(**config)`` called with ``text_tokens`` prompt tokens; ``depth``:
+        another number of blocks (not for Flux: its depth is its two stacks')."""
+        text_width = config["caption_channels"] if family == "pixart" else config["joint_attention_dim"]
+        single_from = config["num_layers"] if family == "flux" else None
+        if family == "flux":
+            if depth is not None:
+                raise ValueError("a Flux shape's depth is num_layers + num_single_layers of its config")
+            depth = config["num_layers"] + config["num_single_layers"]
         return cls(
             family,
             config["num_layers"] if depth is None else depth,
@@ -119,7 +133,8 @@ class ModelShape:
             text_width,
             config["patch_size"],
             config["in_channels"],
-            config["out_channels"],
+            config.get("out_channels") or config["in_channels"],  # Flux: None, the input's channels
+            single_from=single_from,
         )
 
 
@@ -149,8 +164,23 @@ def pixart_block(tokens: BranchTokens, text: int, width: int, mlp_ratio: int = 4
     return self_attention + cross_attention + matmul(tokens.mlp, c, hidden) + matmul(tokens.mlp, hidden, c)
 
 
+def flux_single_block(tokens: BranchTokens, text: int, width: int, mlp_ratio: int = 4) -> int:
+    """One ``FluxSingleTransformerBlock``: the prompt's ``text`` tokens before the image's in one
+    sequence; q, k, v and the MLP's input projection, attention, and ``proj_out`` (``C + 4C -> C``)
+    on the merged tokens when both the queries and the MLP are merged."""
+    c, hidden = width, mlp_ratio * width
+    out = max(tokens.queries, tokens.mlp)
+    projections = matmul(text + tokens.queries, c, c) + 2 * matmul(text + tokens.keys, c, c)  # to_q; to_k, to_v
+    mlp = matmul(text + tokens.mlp, c, hidden)  # proj_mlp
+    return projections + mlp + attention(text + tokens.queries, text + tokens.keys, c) + matmul(text + out, c + hidden, c)
+
+
 def block_flops(shape: ModelShape, tokens: BranchTokens, index: int) -> int:
     """FLOPs of block ``index`` (0-based) of a model of ``shape`` with ``tokens`` per part."""
+    if shape.family == "flux":
+        if index >= shape.single_from:
+            return flux_single_block(tokens, shape.text_tokens, shape.width, shape.mlp_ratio)
+        return sd3_block(tokens, shape.text_tokens, shape.width, shape.mlp_ratio)
     if shape.family == "sd3":
         last = index == shape.depth - 1  # SD3's last joint block is context_pre_only
         return sd3_block(tokens, shape.text_tokens, shape.width, shape.mlp_ratio, context_pre_only=last)
@@ -189,6 +219,7 @@ def flop_bound(shape: ModelShape, tokens: int, keep_rate: float | None, options:
 
 
 def block_bound(shape: ModelShape, tokens: int, keep_rate: float | None, options: dict | None = None) -> float:
-    """The same for one merged block in the middle of the model (not SD3's last one)."""
+    """The same for one merged block in the middle of the model (not SD3's last one; Flux: a
+    double-stream block)."""
     merged = branch_tokens(tokens, keep_rate, options)
     return block_flops(shape, BranchTokens.unmerged(tokens), 0) / block_flops(shape, merged, 0)

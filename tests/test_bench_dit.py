@@ -1,4 +1,4 @@
-"""scripts/dit_flops.py (the FLOP bound) by hand and against issue 21's figures; scripts/bench_dit.py
+"""scripts/dit_flops.py (the FLOP bound) by hand and against issues 21 and 22's figures; scripts/bench_dit.py
 end to end at tiny widths (``--quick``), its scaling to a full step, and its raw results re-rendered."""
 
 from __future__ import annotations
@@ -44,6 +44,34 @@ def test_pixart_block_flops_by_hand():
     assert dit_flops.pixart_block(kv, text=2, width=2) == 112 + 160 + 256
 
 
+def test_flux_single_stream_block_flops_by_hand():
+    # N=4 image tokens after T=2 prompt tokens, C=2, MLP 2 -> 8; proj_out 2 + 8 -> 2
+    # to_q 2*6*2*2 = 48; to_k, to_v 96; proj_mlp 2*6*2*8 = 192; attention 6x6: 144 + 144; proj_out 2*6*10*2 = 240
+    assert dit_flops.flux_single_block(BranchTokens.unmerged(4), text=2, width=2) == 48 + 96 + 192 + 288 + 240
+    # tome r=0.5 with merge_mlp: the whole body on T + M = 4 tokens: 32 + 64 + 128 + 128 + 160
+    merged = dit_flops.branch_tokens(4, 0.5, {"merge_mlp": True})
+    assert dit_flops.flux_single_block(merged, text=2, width=2) == 32 + 64 + 128 + 128 + 160
+    # the attention alone merged: proj_mlp and proj_out on all T + N = 6 tokens
+    attention_only = dit_flops.branch_tokens(4, 0.5)
+    assert dit_flops.flux_single_block(attention_only, text=2, width=2) == 32 + 64 + 192 + 128 + 240
+
+
+def test_flux_dev_bounds_match_the_issue():
+    shape = bench_dit.MODELS["flux"].shape()
+    assert (shape.depth, shape.single_from, shape.width, shape.text_tokens, shape.out_channels) == (57, 19, 3072, 512, 64)
+    unmerged = BranchTokens.unmerged(4096)
+    assert dit_flops.block_flops(shape, unmerged, 18) == dit_flops.sd3_block(unmerged, 512, 3072)  # a double block
+    assert dit_flops.block_flops(shape, unmerged, 19) == dit_flops.flux_single_block(unmerged, 512, 3072)
+    for index in (1, 30):  # one merged block, double- or single-stream, at 1024x1024: the issue's 1.98x and 1.29x
+        for keep_rate, options, bound in ((0.5, {"merge_mlp": True}, 1.98), (0.25, {"kv_only": True}, 1.29)):
+            merged = dit_flops.branch_tokens(4096, keep_rate, options)
+            ratio = dit_flops.block_flops(shape, unmerged, index) / dit_flops.block_flops(shape, merged, index)
+            assert ratio == pytest.approx(bound, abs=0.01)
+    # the full 57-block step, first and last blocks unmerged: the goals (1.6x, 1.2x) fit below it
+    assert dit_flops.flop_bound(shape, 4096, 0.5, {"merge_mlp": True}) == pytest.approx(1.91, abs=0.01)
+    assert dit_flops.flop_bound(shape, 4096, 0.25, {"kv_only": True}) == pytest.approx(1.27, abs=0.01)
+
+
 def test_step_flops_are_the_blocks_and_the_rest():
     shape = bench_dit.MODELS["sd3"].shape()
     assert (shape.depth, shape.width, shape.text_tokens, shape.text_width) == (24, 1536, 333, 4096)
@@ -68,9 +96,9 @@ def test_sd3_medium_block_bounds_match_the_issue():
     assert dit_flops.flop_bound(shape, 4096, 0.5) == pytest.approx(1.44, abs=0.01)
 
 
-def _run(blocks, plans, seconds=10.0, calls=1):
+def _run(blocks, plans, seconds=10.0, calls=1, stacks=None):
     return bench_dit.Run(calls, np.array([seconds, seconds]), np.array(blocks, float)[:, None].repeat(2, 1),
-                         np.array(plans, float)[:, None].repeat(2, 1), np.zeros(2), np.zeros(2), 1)
+                         np.array(plans, float)[:, None].repeat(2, 1), np.zeros(2), np.zeros(2), 1, stacks)
 
 
 def test_scaling_to_a_full_step():
@@ -80,6 +108,16 @@ def test_scaling_to_a_full_step():
     assert run.scaled_step(24, shares_plans=True)[bench_dit.WALL] == pytest.approx(4 + 2 + 38.5 + 0.5)
     assert run.scaled_step(4, shares_plans=False)[bench_dit.CPU] == pytest.approx(10)  # the measured depth
     assert _run([1, 2, 2, 1], [0, 0, 0, 0], seconds=20, calls=2).scaled_step(4, False)[bench_dit.CPU] == 10
+
+
+def test_scaling_two_stacks_to_a_full_step():
+    # Flux measured with 2 double- and 2 single-stream blocks: the first double and the last single
+    # block unmerged; the other double block stands for 18, the other single block for 37
+    run = _run([1, 2, 3, 1], [0, 0.5, 0, 0], stacks=[2, 2])  # outside the blocks: 10 - 7 = 3
+    assert run.scaled_step((19, 38), shares_plans=False)[bench_dit.CPU] == pytest.approx(3 + 2 + 18 * 1.5 + 37 * 3 + 18 * 0.5)
+    assert run.scaled_step((19, 38), shares_plans=True)[bench_dit.CPU] == pytest.approx(3 + 2 + 18 * 1.5 + 37 * 3 + 0.5)
+    assert run.scaled_step((2, 2), shares_plans=False)[bench_dit.WALL] == pytest.approx(10)  # the measured depth
+    assert bench_dit.MODELS["flux"].split(4) == (2, 2) and bench_dit.MODELS["flux"].split(5) == (3, 2)
 
 
 def _rows(report: str, title: str) -> dict[str, list[str]]:
@@ -92,17 +130,23 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     report = bench_dit.main(["--quick", "--out", str(out)])
     assert out.read_text() == report and "float32, random weights" in report
     labels = [label for label, *_ in bench_dit.ARMS.values()]
-    for spec, depth in ((bench_dit.MODELS["sd3"], 24), (bench_dit.MODELS["pixart"], 28)):
-        speeds = _rows(report, f"{spec.title} (tiny widths) 128x128, batch 2, 4 of {depth} blocks, 5 calls")
-        assert list(speeds) == labels
+    catalog = {**bench_dit.ARMS, **bench_dit.EXTRA_ARMS}
+    for name, batch, depth in (("sd3", 2, 24), ("pixart", 2, 28), ("flux", 1, 57)):
+        spec = bench_dit.MODELS[name]
+        speeds = _rows(report, f"{spec.title} (tiny widths) 128x128, batch {batch}, 4 of {depth} blocks, 5 calls")
+        assert list(speeds) == [catalog[arm][0] for arm in bench_dit.DEFAULT_ARMS[name]]
         assert speeds["unpatched"][2] == "1.000 (1.000-1.000)"  # speed-up, 4 blocks, cpu
         assert float(speeds["tome r=0.5, merge_mlp"][7]) > float(speeds["tome r=0.5"][7]) > 1  # FLOP bound, full step
     parts = _rows(report, "parts, cpu s/call")  # the first parts table: SD3's
     # plans per call: each of the 2 merged blocks plans; atc with share_plans and plan_every=5: one in 5 calls
     assert [parts[label][6] for label in labels] == ["0", "2", "2", "2", "0.2"]
-    assert "goal" not in report  # the goals are for SD3 at 1024x1024
+    flux = _rows(report[report.index("FLUX.1-dev: 2 + 2 of 19 + 38 blocks"):], "parts, cpu s/call")
+    # pyramid attention broadcast replays the attention in 2 of 5 calls: tome's feed-forward still
+    # plans in both merged blocks in every call; grid kv_only (nothing after the attention) plans 8 times
+    assert flux["PAB + tome r=0.5, merge_mlp"][6] == "2" and flux["PAB + grid r=0.25, kv_only"][6] == "1.6"
+    assert "goal" not in report  # the goals are for 1024x1024
     saved = json.loads(Path(f"{out}.json").read_text())
-    assert [(r["model"], r["side"]) for r in saved["results"]] == [("sd3", 128), ("pixart", 128)]
+    assert [(r["model"], r["side"]) for r in saved["results"]] == [("sd3", 128), ("pixart", 128), ("flux", 128)]
     assert bench_dit.main(["--render", f"{out}.json"]) == report  # the tables again, from the raw times
 
 
@@ -118,6 +162,22 @@ def test_goal_lines_say_met_or_missed():
         "- goal atc_average r=0.5, share_plans, plan_every=5 >= 1.35x per 24-block step: cpu 1.111x: MISSED",
     ]
     assert bench_dit.goal_lines("sd3", 512, table) == []
+
+
+def test_flux_goals_and_caches_multiplying():
+    table = bench_dit.arms(bench_dit.DEFAULT_ARMS["flux"])
+    assert [arm.label for arm in table][-3:] == ["PAB", "PAB + tome r=0.5, merge_mlp", "PAB + grid r=0.25, kv_only"]
+    # no time in the blocks: a full step takes the measured seconds
+    seconds = {"unpatched": 20, "tome r=0.5, merge_mlp": 10, "grid r=0.25, kv_only": 16, "PAB": 16,
+               "PAB + tome r=0.5, merge_mlp": 8, "PAB + grid r=0.25, kv_only": 11}
+    for arm in table:
+        arm.runs = [_run([0, 0, 0, 0], [0, 0, 0, 0], seconds=seconds.get(arm.label, 15), stacks=[2, 2])]
+    assert bench_dit.goal_lines("flux", 1024, table, ("cpu",)) == [
+        "- goal tome r=0.5, merge_mlp >= 1.6x per 57-block step: cpu 2.000x: met",
+        "- goal grid r=0.25, kv_only >= 1.2x per 57-block step: cpu 1.250x: met",
+        "- goal PAB + tome r=0.5, merge_mlp: PAB x tome r=0.5, merge_mlp within 10%: cpu 2.500x vs 2.500x (1.000): met",
+        "- goal PAB + grid r=0.25, kv_only: PAB x grid r=0.25, kv_only within 10%: cpu 1.818x vs 1.562x (1.164): MISSED",
+    ]
 
 
 def test_help_works(capsys):
