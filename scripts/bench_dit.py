@@ -22,7 +22,9 @@ plan_every=5``; on request (``--arms``) ``tome`` r=0.5 with ``merge_mlp`` and ``
 bipartite matching per call instead of one per merged block). Flux adds a diffusers cache whose
 skipping does not depend on the (random) weights, alone and on top of ``tome`` with ``merge_mlp``
 and ``grid`` with ``kv_only``: pyramid attention broadcast (PAB), every self-attention's output
-replayed in every second call (:data:`CACHES`; its state reset at the start of each generation). Each repetition runs every arm once, in turn (interleaved), after one untimed
+replayed in every second call (:data:`CACHES`; its state reset at the start of each generation).
+Each repetition runs every arm once, in turn (interleaved; repetition ``i`` starts with arm ``i``,
+so that a drift of the machine's speed does not always fall on the same arms), after one untimed
 unpatched call at the benchmark's size and one untimed call of every arm on a small latent;
 ratios are paired: the median of the per-repetition ratios, with their range. Both clocks are
 read around every timed region: wall (elapsed) and this process's CPU time (all its threads;
@@ -487,7 +489,7 @@ def run_resolution(model, spec: DitModel, side: int, batch: int, repetitions: in
         return arm.pending.seconds[index] / calls
 
     with blocks.installed():
-        return bench_unet.run_interleaved(model, side, table, repetitions, timer, warm_up, timed)
+        return bench_unet.run_interleaved(model, side, table, repetitions, timer, warm_up, timed, rotate=True)
 
 
 def _median(values) -> float:

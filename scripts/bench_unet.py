@@ -351,15 +351,20 @@ def run_resolution(
     )
 
 
-def run_interleaved(unet, side: int, table: list[Setting], repetitions: int, timer: OverheadTimer, warm_up, timed):
+def run_interleaved(
+    unet, side: int, table: list[Setting], repetitions: int, timer: OverheadTimer, warm_up, timed, rotate: bool = False
+):
     """Every setting of ``table`` once per repetition, in turn, after one untimed ``warm_up(timer)``
     of the unpatched UNet: ``timed(setting, timer) -> seconds`` with the setting patched in.
+    ``rotate``: repetition ``i`` starts at setting ``i`` of the table (a drift of the machine's
+    speed within repetitions then falls on every setting in turn, not always on the last ones).
     Leaves the UNet unpatched; returns ``table`` with its times."""
     with torch.no_grad(), timer.installed():
         table[0].patch(unet)
         print(f"  {side}px warm-up {warm_up(timer):8.3f} s", flush=True)
         for repetition in range(1, repetitions + 1):
-            for setting in table:
+            start = (repetition - 1) % len(table) if rotate else 0
+            for setting in table[start:] + table[:start]:
                 setting.patch(unet)
                 seconds = timed(setting, timer)
                 setting.record(seconds, timer)
