@@ -58,7 +58,7 @@ checked below the tables, with, for Flux, whether a cache's speed-up and the mer
 
     PYTHONPATH=. python scripts/bench_dit.py --quick        # tiny widths, seconds: checks the script
     PYTHONPATH=. python scripts/bench_dit.py --models sd3 --resolutions 1024 512 --repetitions 3 --threads 2
-    PYTHONPATH=. python scripts/bench_dit.py --models flux --resolutions 1024 512 --repetitions 2 --threads 2
+    PYTHONPATH=. python scripts/bench_dit.py --models flux --resolutions 1024 512 --repetitions 3 --threads 2
     PYTHONPATH=. python scripts/bench_dit.py --device cuda --dtype float16 --blocks-at-real-width 24
 
 (``PYTHONPATH=.``: this checkout's ``sdmerge``, not an installed one; the report names the one used.)

@@ -256,9 +256,14 @@ def test_flux2_is_refused_with_a_reason():
 
 
 def cache_configs(pipe):
-    """Caches whose skipping does not depend on the weights (random weights would make a threshold
-    meaningless): pyramid attention broadcast's skip ranges and TaylorSeer's cache interval."""
-    from diffusers import PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+    """Caches whose skipping does not depend on the (random) weights: pyramid attention broadcast's
+    skip ranges and TaylorSeer's cache interval; first-block cache and MagCache with thresholds no
+    error reaches (they skip every call they may: after the first, and after MagCache's retained
+    steps up to its longest run of skips)."""
+    from diffusers import (
+        FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig,
+    )
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
     return {
         "pab": PyramidAttentionBroadcastConfig(
@@ -266,10 +271,13 @@ def cache_configs(pipe):
             current_timestep_callback=lambda: pipe.current_timestep,
         ),
         "taylorseer": TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1),
+        "first_block": FirstBlockCacheConfig(threshold=1e9),
+        "mag": MagCacheConfig(threshold=1e9, max_skip_steps=2, retention_ratio=0.25, num_inference_steps=4,
+                              mag_ratios=FLUX_MAG_RATIOS),
     }
 
 
-@pytest.mark.parametrize("cache", ["pab", "taylorseer"])
+@pytest.mark.parametrize("cache", ["pab", "taylorseer", "first_block", "mag"])
 def test_caches_compose_with_merging_in_either_order_and_each_removes_alone(cache):
     """sdmerge's wrappers sit inside diffusers' hooks on the same modules, whichever came first: the
     two orders give one result, different from either alone; sdmerge.remove leaves the cache, and
@@ -313,29 +321,41 @@ def test_caches_compose_with_merging_in_either_order_and_each_removes_alone(cach
 
 def test_under_a_cache_a_single_stream_body_hands_every_token_on():
     """A cache keeps what a hooked module returns and replays it in later calls, whose plans group
-    other tokens: so where a diffusers hook wraps a single-stream block's attention, its output
-    (seen outside the hook, as the block and the cache see it) is every token, T + N, not the
-    merged body's T + M; merging runs inside each module instead, and computes the same output."""
+    other tokens: so what a diffusers hook around a single-stream block's attention or MLP sees is
+    every token, T + N, not the merged body's T + M. A hooked attention unmerges inside the hook
+    and its output is merged again outside it, the body going on merged (the MLP sees T + M); a
+    hooked MLP makes each module merge and unmerge on its own. Both compute the same output."""
     from diffusers.hooks import HookRegistry, ModelHook
 
     transformer, inputs = model(), flux_inputs()  # 12 prompt tokens, 64 image tokens
-    seen = []
+    seen = {"attn": [], "proj_mlp": []}  # torch hooks registered first: they see what a cache's hook returns
     for block in transformer.single_transformer_blocks:
-        block.attn.register_forward_hook(lambda module, args, kwargs, output: seen.append(output.shape[1]),
-                                         with_kwargs=True)
+        for name in seen:
+            getattr(block, name).register_forward_hook(lambda module, args, output, name=name: seen[name].append(output.shape[1]))
     plain = run(transformer, inputs)
     sdmerge.apply(transformer, "tome", r=0.5, seed=0, blocks=ALL, merge_mlp=True)
-    seen.clear()
-    merged_body = run(transformer, inputs)
-    assert seen == [12 + 32] * 3  # every block's body runs merged
 
-    for block in transformer.single_transformer_blocks:  # a hook that changes nothing, where caches sit
-        HookRegistry.check_if_exists_or_initialize(block.attn).register_hook(ModelHook(), "passing")
-    seen.clear()
-    cached = run(transformer, inputs)
-    assert seen == [12 + 64] * 3
-    torch.testing.assert_close(cached, merged_body, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(cached, plain, atol=1e-3)
+    def merged_run():
+        for shapes in seen.values():
+            shapes.clear()
+        return run(transformer, inputs)
+
+    merged_body = merged_run()
+    assert seen == {"attn": [12 + 32] * 3, "proj_mlp": [12 + 32] * 3}  # every block's body runs merged
+
+    def hook_each(name):  # a hook that changes nothing, where caches sit
+        for block in transformer.single_transformer_blocks:
+            HookRegistry.check_if_exists_or_initialize(getattr(block, name)).register_hook(ModelHook(), "passing")
+
+    hook_each("attn")
+    attention_cached = merged_run()
+    assert seen == {"attn": [12 + 64] * 3, "proj_mlp": [12 + 32] * 3}
+    hook_each("proj_mlp")
+    both_cached = merged_run()
+    assert seen == {"attn": [12 + 64] * 3, "proj_mlp": [12 + 64] * 3}
+    for cached in (attention_cached, both_cached):
+        torch.testing.assert_close(cached, merged_body, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(merged_body, plain, atol=1e-3)
 
 
 @pytest.mark.parametrize(("method", "ff_tokens"), [("tome", [32, 32]), ("cis", [32, 64])])
@@ -357,3 +377,23 @@ def test_a_block_whose_attention_a_cache_replays_still_merges_its_feed_forward(m
     outputs = [run(transformer, inputs, t) for t in (0.9, 0.8)]  # the second call replays every attention
     assert seen == ff_tokens
     assert all(torch.isfinite(out).all() for out in outputs)
+
+
+@pytest.mark.parametrize("method, options", [("tome", {"seed": 0}), ("grid", {"kv_only": True})])
+def test_a_call_whose_attention_a_cache_replays_makes_no_plan_nothing_uses(method, options):
+    """Without merge_mlp only the self-attention merges: where a cache replays it, no block (double-
+    or single-stream) makes a plan in that call."""
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    transformer, inputs = model(), flux_inputs()
+    transformer.enable_cache(PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=lambda: 500,
+    ))
+    sdmerge.apply(transformer, method, r=0.25 if method == "grid" else 0.5, blocks=ALL, **options)
+    with sdmerge.plan_recording.record_plans(transformer) as plans:
+        for t in (0.9, 0.8, 0.7):  # the second call replays every attention
+            run(transformer, inputs, t)
+    names = sdmerge.diffusion.merged_blocks(transformer)
+    assert any(name.startswith("single_transformer_blocks") for name in names)
+    assert sorted(plans) == sorted((step, name) for step in (0, 2) for name in names)

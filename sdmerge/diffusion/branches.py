@@ -7,7 +7,8 @@ merged tokens and is unmerged after it (tomesd's ``m_a``, ``m_c``, ``m_m`` and `
     y = unmerge(branch(merge(h)))        h: [B, N, C] -> merge -> [B, M, C] -> branch -> unmerge -> [B, N, C]
 
 The self-attention makes the block's plan (:meth:`MergedBlock.plan`) whichever branches merge
-(a single-stream block: its norm, which runs first); the later branches use it. With ``kv_only``
+(a single-stream block whose body runs merged: its norm, which runs first); the later branches
+use it. With ``kv_only``
 the self-attention instead keeps all ``N`` queries and takes its keys and values from the ``M``
 merged tokens, each weighted by the number of tokens it stands for (proportional attention, ToMe
 eq. 1):
@@ -21,13 +22,15 @@ Only image tokens are merged. Where a module receives the prompt's tokens first 
 tokens after them in one sequence (a single-stream block, ``Branch.text_first``), only the last
 ``N`` tokens are merged and unmerged. A single-stream block's body (attention and MLP on one
 normed sequence, one output projection) can also run merged as a whole (:class:`SpanStart`,
-:class:`SpanEnd`), every token keeping its own residual. It does so only where no diffusers hook (a
-cache: pyramid attention broadcast, TaylorSeer) wraps the norm, the attention or the MLP, whose
-outputs would then be merged tokens: a cache keeps a module's output and replays it (or
-extrapolates from it) in later calls, whose plans group other tokens, so what leaves a cached
-module must be every token. There each of attention, MLP and output projection merges its input
-and unmerges its output instead, as the branches of other blocks do (same result, a few more
-gathers).
+:class:`SpanEnd`), every token keeping its own residual. A cache (a diffusers hook: pyramid
+attention broadcast, TaylorSeer) keeps a module's output and replays it (or extrapolates from it)
+in later calls, whose plans group other tokens, so what leaves a cached module must be every
+token. Where a cache wraps the attention (as those two do), the attention unmerges its output
+inside the cache's hook and :class:`MergedBodyReentry` merges it again outside it (two gathers
+of width ``C``). Where one wraps the norm or the MLP, the body does not run merged: each of
+attention, MLP and output projection merges its input and unmerges its output instead, as the
+branches of other blocks do (same result, gathers of the MLP's width ``4C`` and of the output
+projection's input ``5C``).
 
 The hooks wrap the branch modules' forward (:mod:`sdmerge.diffusion.forward_hooks`), not their
 attention processors: whatever processor a layer has (set before or after ``apply``: attention
@@ -118,7 +121,9 @@ class SelfAttentionBranch:
         if self.block.name in call.merged_bodies:
             merge = call.plans[self.block.name]
             prefix, merged = _split(sequence, merge[0].num_groups, branch.text_first)
-            return branch.merged_attention(module, args, kwargs, self._tokens(call, merge, merged, merged, prefix, True))
+            output = branch.merged_attention(module, args, kwargs, self._tokens(call, merge, merged, merged, prefix, True))
+            # a cache around the attention keeps every token; MergedBodyReentry merges them again outside it
+            return _unmerged_output(branch, merge[0], output) if has_diffusers_hooks(module) else output
         prefix, image = _split(sequence, call.counts[self.block.name], branch.text_first)
         merge = self.block.plan(call, module, image, text if text is not None else prefix)
         if merge is None or not config.merge_attn:
@@ -186,28 +191,50 @@ class LaterBranch:
 
 class SpanStart:
     """Around the module that opens a single-stream block's body (its norm, which runs before the
-    attention and the MLP): make the block's plan from the image part of its output; with
-    ``merge`` (the body runs merged), merge that part, so that the body runs on ``T + M`` tokens,
-    unless a diffusers hook sees the body's merged tokens (module docstring)."""
+    attention and the MLP) where the body runs merged: make the block's plan from the image part
+    of its output and merge that part, so that the body runs on ``T + M`` tokens, unless a
+    diffusers hook would see the body's merged tokens (module docstring). There the attention, or
+    a later branch where a cache replays the attention, makes the plan when it needs one."""
 
-    def __init__(self, block: MergedBlock, current: CurrentCall, merge: bool):
-        self.block, self.current, self.merge = block, current, merge
+    def __init__(self, block: MergedBlock, current: CurrentCall):
+        self.block, self.current = block, current
         self.span = block.site.span
-        self.body = (self.span.start, block.site.attention.module, block.site.mlp.module)
+        self.body = (self.span.start, block.site.mlp.module)  # the attention: MergedBodyReentry
 
     def around(self, module, forward, args: tuple, kwargs: dict):
         output = forward(*args, **kwargs)
         call = self.current.get()
-        if call is None:
+        if call is None or any(has_diffusers_hooks(part) for part in self.body):
             return output
         sequence = output if self.span.start_output is None else output[self.span.start_output]
         prefix, image = _split(sequence, call.counts[self.block.name], True)
         merge = self.block.plan(call, self.block.site.attention.module, image, prefix)
-        if merge is None or not self.merge or any(has_diffusers_hooks(part) for part in self.body):
+        if merge is None:
             return output
         call.merged_bodies.add(self.block.name)
         plan, weights = merge
         return _replaced(output, self.span.start_output, _joined(prefix, plan.merge(image, weights)))
+
+
+class MergedBodyReentry:
+    """Outside every wrapper of a single-stream block's attention (an
+    :class:`~.forward_hooks.OutsideHook`): where the body runs merged in this call and a diffusers
+    hook (a cache) wraps the attention, the attention hands every token out, ``[B, T + N, C]``, for
+    the cache to keep and to replay in later calls, whose plans group other tokens; merge its image
+    part here with this call's plan, so that the body goes on with ``[B, T + M, C]``."""
+
+    def __init__(self, block: MergedBlock, current: CurrentCall):
+        self.block, self.current = block, current
+        self.branch = block.site.attention
+
+    def after(self, module, output):
+        call = self.current.get()
+        if call is None or self.block.name not in call.merged_bodies or not has_diffusers_hooks(module):
+            return output
+        plan, weights = call.plans[self.block.name]
+        part = output if self.branch.output is None else output[self.branch.output]
+        prefix, image = _split(part, plan.num_tokens, self.branch.text_first)
+        return _replaced(output, self.branch.output, _joined(prefix, plan.merge(image, weights)))
 
 
 class SpanEnd(LaterBranch):

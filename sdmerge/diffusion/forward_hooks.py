@@ -21,6 +21,12 @@ has them, it takes the place of the innermost forward their chain calls; a diffu
 later wraps sdmerge's wrapper as that module's forward. :meth:`ForwardHook.remove` puts back what
 it replaced where it still can, and otherwise (something else now holds a reference to it)
 leaves it in place, passing calls through.
+
+Where sdmerge must act on what a diffusers hook returns (the every-token output a cache replays,
+merged again for a single-stream block's merged body), an :class:`OutsideHook` does it: a PyTorch
+forward hook, which runs after the module's whole ``forward`` chain whatever its order. It is
+added and removed only together with a forward wrapper on the same module, whose change retraces
+compiled code.
 """
 
 from __future__ import annotations
@@ -82,3 +88,19 @@ class ForwardHook:
         slot = _innermost_reference(self.module)  # inside diffusers' hooks (added before or after this one)
         if slot is not None and getattr(*slot) is self._installed:
             setattr(*slot, self.wrapped)
+
+
+class OutsideHook:
+    """``after(module, output) -> output``, run outside every wrapper of ``module``'s forward
+    (diffusers' hooks included): a PyTorch forward hook, removable after ``copy.deepcopy`` of the
+    model too (held by its id, not by a handle's weak reference to the original module)."""
+
+    def __init__(self, module: nn.Module, after: Callable):
+        self.module, self.after = module, after
+        self.id = module.register_forward_hook(self.run).id
+
+    def run(self, module: nn.Module, args: tuple, output):
+        return self.after(module, output)
+
+    def remove(self) -> None:
+        self.module._forward_hooks.pop(self.id, None)

@@ -31,10 +31,10 @@ from torch import nn
 
 from ..methods import Method, get_method
 from . import pipeline_calls
-from .branches import LaterBranch, SelfAttentionBranch, SpanEnd, SpanStart
+from .branches import LaterBranch, MergedBodyReentry, SelfAttentionBranch, SpanEnd, SpanStart
 from .call import CARRIED, CallState, CurrentCall
 from .config import MergeConfig
-from .forward_hooks import ForwardHook
+from .forward_hooks import ForwardHook, OutsideHook
 from .generation import Generation, Generations
 from .layout import Argument, BlockSite, Carrier, Layout, PreviousCallMass
 from .merged_block import MergedBlock
@@ -142,10 +142,11 @@ class MergeState:
     def _install_branches(self, block: MergedBlock) -> None:
         site, config = block.site, self.config
         merged_body = site.span is not None and config.merge_attn and config.merge_mlp and not config.kv_only
-        if site.span is not None:  # a single-stream block plans at its norm, which runs first
-            self._hook(site.span.start, SpanStart(block, self.current, merge=merged_body).around)
+        if merged_body:  # a single-stream block's body merged from its norm, which runs first
+            self._hook(site.span.start, SpanStart(block, self.current).around)
         self._hook(site.attention.module, SelfAttentionBranch(block, config, self.current).around)
         if merged_body:
+            self._hooks.append(OutsideHook(site.attention.module, MergedBodyReentry(block, self.current).after))
             self._hook(site.span.end.module, SpanEnd(block, self.current).around)
         if self.method.needs_importance and not site.mass.this_call:
             # inside a merging wrapper of the same module (installed next): p of the merged tokens
