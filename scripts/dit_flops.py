@@ -33,6 +33,10 @@ double-stream blocks count as SD3's joint blocks (none of them ``context_pre_onl
 single-stream blocks the prompt's tokens are never merged, and the output projection runs on the
 merged tokens when both the attention's queries and the MLP do (``merge_mlp`` without ``kv_only``).
 
+As a command, the bounds of a model from its transformer's ``config.json`` (a local file)::
+
+    python scripts/dit_flops.py PATH/transformer/config.json --family sd3 --text-tokens 333
+
 Importable (``scripts/`` on ``sys.path``): :class:`ModelShape` (from a diffusers config),
 :class:`BranchTokens`, :func:`branch_tokens`, :func:`block_flops`, :func:`step_flops`,
 :func:`flop_bound`.
@@ -40,8 +44,11 @@ Importable (``scripts/`` on ``sys.path``): :class:`ModelShape` (from a diffusers
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 
 from sdmerge.core import tokens_to_remove
 
@@ -223,3 +230,34 @@ def block_bound(shape: ModelShape, tokens: int, keep_rate: float | None, options
     double-stream block)."""
     merged = branch_tokens(tokens, keep_rate, options)
     return block_flops(shape, BranchTokens.unmerged(tokens), 0) / block_flops(shape, merged, 0)
+
+
+SETTINGS = {  # label: (keep rate, options): the settings bench_dit measures
+    "tome r=0.5": (0.5, {}),
+    "tome r=0.5, merge_mlp": (0.5, {"merge_mlp": True}),
+    "grid r=0.25, kv_only": (0.25, {"kv_only": True}),
+}
+VAE_FACTOR = 8  # latent pixels per image pixel side, in every model here
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description="FLOP bounds of token merging (unpatched FLOPs over merged FLOPs) for a diffusion "
+        "transformer given by its config.json: one merged block, and one call with the default blocks "
+        "(all but the first and the last)."
+    )
+    parser.add_argument("config", type=Path, help="the transformer's config.json (a local file)")
+    parser.add_argument("--family", choices=("sd3", "pixart", "flux"), required=True, help="its block layout")
+    parser.add_argument("--text-tokens", type=int, required=True, help="prompt tokens per sample (SD3: 333, PixArt-Sigma: 300, Flux-dev: 512)")
+    parser.add_argument("--sides", type=int, nargs="+", default=[1024, 512], help="image sides in pixels")
+    args = parser.parse_args(argv)
+    shape = ModelShape.from_config(args.family, json.loads(args.config.read_text()), args.text_tokens)
+    for side in args.sides:
+        tokens = (side // VAE_FACTOR // shape.patch) ** 2
+        for label, (keep_rate, options) in SETTINGS.items():
+            print(f"{side}x{side} ({tokens} image tokens)  {label:<22}  one block {block_bound(shape, tokens, keep_rate, options):.3f}x"
+                  f"  one call {flop_bound(shape, tokens, keep_rate, options):.3f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -194,3 +194,15 @@ def test_chosen_arms_and_plans_shared_by_the_blocks():
     # one plan per call whatever the depth: the same plan seconds at 4 and at 24 blocks
     assert parts["tome r=0.5, merge_mlp, share_plans"][6] == "1"
     assert parts["tome r=0.5, merge_mlp, share_plans"][7] == parts["tome r=0.5, merge_mlp, share_plans"][8]
+
+
+def test_the_command_prints_the_issue_s_sd3_bounds_from_a_config_file(tmp_path, capsys):
+    """``dit_flops.py CONFIG``: SD3-Medium's config at 1024x1024, one merged block: about 2.19x for
+    tome r=0.5 with merge_mlp, 1.44x for grid r=0.25 kv_only, 1.50x self-attention only (issue 21)."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(bench_dit.MODELS["sd3"].model_config(None, False)))
+    dit_flops.main([str(config), "--family", "sd3", "--text-tokens", "333", "--sides", "1024"])
+    lines = {line.split("  ")[1].strip(): line for line in capsys.readouterr().out.splitlines()}
+    assert "one block 2.189x" in lines["tome r=0.5, merge_mlp"]
+    assert "one block 1.435x" in lines["grid r=0.25, kv_only"]
+    assert "one block 1.503x" in lines["tome r=0.5"]
