@@ -16,15 +16,16 @@ from sdmerge.diffusion import merged_blocks
 from sdmerge.diffusion.layout import AttentionTokens
 from sdmerge.diffusion.models.sd3 import joint_attention_on_merged_tokens
 from sdmerge.diffusion.prompt_importance import joint_attention_mass, prompt_attention_mass
-from sdmerge.methods import METHODS
 from tests.tiny_dit import (
     PIXART_CALL,
     T5_TOKENS,
     pixart_inputs,
     pixart_transformer,
+    run,
     sd3_inputs,
     sd3_transformer,
     sd35_transformer,
+    seeded,
     tiny_pixart_pipeline,
     tiny_sd3_img2img_pipeline,
     tiny_sd3_pipeline,
@@ -33,7 +34,6 @@ from tests.tiny_diffusers import SD_METHODS, sd15_unet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BIPARTITE = tuple(name for name in SD_METHODS if METHODS[name].needs_split)
 MODELS = {
     "sd3": (lambda: sd3_transformer(num_layers=4), sd3_inputs),
     "sd3.5": (lambda: sd35_transformer(num_layers=4, dual_attention_layers=(0, 1, 2)), sd3_inputs),
@@ -45,18 +45,6 @@ MODES = {
     "kv_only": {"kv_only": True},
     "mlp-only": {"merge_attn": False, "merge_mlp": True},
 }
-
-
-def seeded(method: str, **options) -> dict:
-    return {**({"seed": 0} if method in BIPARTITE else {}), **options}
-
-
-def run(model, inputs, t=None) -> torch.Tensor:
-    """One call of a bare transformer (``t``: a timestep for every sample instead of the inputs')."""
-    if t is not None:
-        inputs = {**inputs, "timestep": torch.full_like(inputs["timestep"], t)}
-    with torch.no_grad():
-        return model(**inputs).sample
 
 
 # --- every method and mode, r = 1, remove -------------------------------------------------------------

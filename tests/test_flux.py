@@ -14,11 +14,12 @@ from sdmerge.diffusion.call import CallState
 from sdmerge.diffusion.layout import AttentionTokens
 from sdmerge.diffusion.models.flux import _merged_rotation, attention_on_merged_tokens, token_grid
 from tests.tiny_diffusers import SD_METHODS
-from tests.tiny_dit import T5_TOKENS, flux_inputs, flux_transformer, tiny_flux_img2img_pipeline, tiny_flux_pipeline
+from tests.tiny_dit import (
+    T5_TOKENS, flux_inputs, flux_transformer, run, seeded, tiny_flux_img2img_pipeline, tiny_flux_pipeline,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BIPARTITE = ("tome", "cis")
 ALL = range(5)  # the tiny model's 2 double- and 3 single-stream blocks
 MODES = {
     "attn": {},
@@ -32,17 +33,6 @@ MODES = {
 
 def model():
     return flux_transformer(num_layers=2, num_single_layers=3)
-
-
-def seeded(method: str, **options) -> dict:
-    return {**({"seed": 0} if method in BIPARTITE else {}), **options}
-
-
-def run(transformer, inputs, t=None) -> torch.Tensor:
-    if t is not None:
-        inputs = {**inputs, "timestep": torch.full_like(inputs["timestep"], t)}
-    with torch.no_grad():
-        return transformer(**inputs).sample
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -42,6 +42,8 @@ from transformers import (
     T5Tokenizer,
 )
 
+from sdmerge.methods import METHODS
+
 TEXT_DIM = 32  # hidden size of every tiny text encoder (CLIP and T5) = the transformers' text input width
 CLIP_TOKENS = 16  # the CLIP tokenizers' model_max_length (77 in the released models)
 T5_TOKENS = 16  # max_sequence_length the pipelines are called with (SD3: 256, PixArt: 300/120, Flux: 512)
@@ -56,6 +58,19 @@ sample sizes (32/64/128/256), and caption cleaning wants bs4 + ftfy (it warns an
 
 # --------------------------------------------------------------------------------------------------
 # Bare transformers and their forward inputs
+
+
+def seeded(method: str, **options) -> dict:
+    """``options`` with ``seed=0`` for the methods whose split is random (bipartite matching)."""
+    return {**({"seed": 0} if METHODS[method].needs_split else {}), **options}
+
+
+def run(model, inputs: dict, t: float | None = None) -> torch.Tensor:
+    """One call of a bare transformer (``t``: a timestep for every sample instead of the inputs')."""
+    if t is not None:
+        inputs = {**inputs, "timestep": torch.full_like(inputs["timestep"], t)}
+    with torch.no_grad():
+        return model(**inputs).sample
 
 
 def sd3_transformer(seed: int = 0, dual_attention_layers: tuple[int, ...] = (), **config) -> SD3Transformer2DModel:
