@@ -21,8 +21,13 @@ Arms (:func:`arms`): unpatched; ``tome`` r=0.5 (self-attention only); ``tome`` r
 plan_every=5``; on request (``--arms``) ``tome`` r=0.5 with ``merge_mlp`` and ``share_plans`` (one
 bipartite matching per call instead of one per merged block). Flux adds a diffusers cache whose
 skipping does not depend on the (random) weights, alone and on top of ``tome`` with ``merge_mlp``
-and ``grid`` with ``kv_only``: pyramid attention broadcast (PAB), every self-attention's output
-replayed in every second call (:data:`CACHES`; its state reset at the start of each generation).
+and ``grid`` with ``kv_only`` (:data:`CACHES`; their state reset at the start of each generation):
+pyramid attention broadcast (PAB), every self-attention's output replayed in every second call;
+TaylorSeer in its lite mode, every block skipped and the output projection's output predicted
+(first order) in every second call after the first (``cache_interval=2``,
+``disable_cache_before_step=1``: calls 1, 3, 5 compute, as with PAB). PAB and merging save the
+same attention work, so their speed-ups overlap; a cache that skips whole blocks leaves the
+merging its whole share of the calls it computes.
 Each repetition runs every arm once, in turn (interleaved; repetition ``i`` starts with arm ``i``,
 so that a drift of the machine's speed does not always fall on the same arms), after one untimed
 unpatched call at the benchmark's size and one untimed call of every arm on a small latent;
@@ -92,6 +97,7 @@ from diffusers import (
     PixArtTransformer2DModel,
     PyramidAttentionBroadcastConfig,
     SD3Transformer2DModel,
+    TaylorSeerCacheConfig,
 )
 
 import bench_unet
@@ -349,6 +355,8 @@ CACHES = {  # diffusers caches whose skipping does not depend on the (random) we
         spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
         current_timestep_callback=lambda: CURRENT_TIMESTEP[0],
     ),
+    # TaylorSeer lite: in every second call after the first, every block skipped and proj_out predicted
+    "taylorseer_lite": lambda: TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, use_lite_mode=True),
 }
 
 ARMS = {  # name: (label, method, keep rate, options[, cache]); the issue's arms, unpatched first
@@ -363,6 +371,11 @@ CACHE_ARMS = {  # Flux (issue 22): a cache alone and on top of the merging
     "pab": ("PAB", None, None, {}, "pab"),
     "pab_tome_mlp": ("PAB + tome r=0.5, merge_mlp", "tome", 0.5, {"merge_mlp": True}, "pab"),
     "pab_grid_kv": ("PAB + grid r=0.25, kv_only", "grid", 0.25, {"kv_only": True}, "pab"),
+    "taylorseer": ("TaylorSeer lite", None, None, {}, "taylorseer_lite"),
+    "taylorseer_tome_mlp": ("TaylorSeer lite + tome r=0.5, merge_mlp", "tome", 0.5, {"merge_mlp": True},
+                            "taylorseer_lite"),
+    "taylorseer_grid_kv": ("TaylorSeer lite + grid r=0.25, kv_only", "grid", 0.25, {"kv_only": True},
+                           "taylorseer_lite"),
 }
 EXTRA_ARMS = {  # on request (--arms): what the issue's arms suggest trying
     "tome_mlp_shared": ("tome r=0.5, merge_mlp, share_plans", "tome", 0.5, {"merge_mlp": True, "share_plans": True}),
@@ -445,7 +458,8 @@ def time_generation(model, spec: DitModel, inputs: dict, calls: int, timer: Over
     sample = inputs["hidden_states"]
     tokens = sample.shape[1] if sample.ndim == 3 else (sample.shape[-1] // 2) ** 2  # Flux's are packed already
     spec.set_timesteps(scheduler, spec.steps, tokens, timer.device)
-    if getattr(model, "is_cache_enabled", False):
+    cached = getattr(model, "is_cache_enabled", False)
+    if cached:
         model._reset_stateful_cache()  # a new generation for the cache, as a pipeline call starts one
     timer.reset()
     clock.reset()
@@ -453,7 +467,8 @@ def time_generation(model, spec: DitModel, inputs: dict, calls: int, timer: Over
     start = timer.clock()
     for t in scheduler.timesteps[:calls]:
         CURRENT_TIMESTEP[0] = t
-        output = model(**{**inputs, "hidden_states": sample}, timestep=spec.timestep(t, sample), return_dict=False)[0]
+        with model.cache_context("cond") if cached else contextlib.nullcontext():  # as the pipelines call it
+            output = model(**{**inputs, "hidden_states": sample}, timestep=spec.timestep(t, sample), return_dict=False)[0]
         sample = scheduler.step(output[:, : sample.shape[1]], t, sample, return_dict=False)[0]  # PixArt: learned sigma
     synchronize(timer.device)
     return Run(calls, timer.clock() - start, clock.seconds.copy(), clock.plans.copy(), _pair(timer.seconds["plan"]),

@@ -145,6 +145,8 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     # plans in both merged blocks in every call; grid kv_only (nothing after the attention) plans only
     # in the 3 calls that run the attention, in both blocks: 6 plans
     assert flux["PAB + tome r=0.5, merge_mlp"][6] == "2" and flux["PAB + grid r=0.25, kv_only"][6] == "1.2"
+    # TaylorSeer lite skips every block in 2 of 5 calls: both merged arms plan in the other 3
+    assert flux["TaylorSeer lite + tome r=0.5, merge_mlp"][6] == flux["TaylorSeer lite + grid r=0.25, kv_only"][6] == "1.2"
     assert "goal" not in report  # the goals are for 1024x1024
     saved = json.loads(Path(f"{out}.json").read_text())
     assert [(r["model"], r["side"]) for r in saved["results"]] == [("sd3", 128), ("pixart", 128), ("flux", 128)]
@@ -167,10 +169,14 @@ def test_goal_lines_say_met_or_missed():
 
 def test_flux_goals_and_caches_multiplying():
     table = bench_dit.arms(bench_dit.DEFAULT_ARMS["flux"])
-    assert [arm.label for arm in table][-3:] == ["PAB", "PAB + tome r=0.5, merge_mlp", "PAB + grid r=0.25, kv_only"]
+    assert [arm.label for arm in table][-6:] == [
+        "PAB", "PAB + tome r=0.5, merge_mlp", "PAB + grid r=0.25, kv_only",
+        "TaylorSeer lite", "TaylorSeer lite + tome r=0.5, merge_mlp", "TaylorSeer lite + grid r=0.25, kv_only",
+    ]
     # no time in the blocks: a full step takes the measured seconds
     seconds = {"unpatched": 20, "tome r=0.5, merge_mlp": 10, "grid r=0.25, kv_only": 16, "PAB": 16,
-               "PAB + tome r=0.5, merge_mlp": 8, "PAB + grid r=0.25, kv_only": 11}
+               "PAB + tome r=0.5, merge_mlp": 8, "PAB + grid r=0.25, kv_only": 11, "TaylorSeer lite": 12,
+               "TaylorSeer lite + tome r=0.5, merge_mlp": 6, "TaylorSeer lite + grid r=0.25, kv_only": 10}
     for arm in table:
         arm.runs = [_run([0, 0, 0, 0], [0, 0, 0, 0], seconds=seconds.get(arm.label, 15), stacks=[2, 2])]
     assert bench_dit.goal_lines("flux", 1024, table, ("cpu",)) == [
@@ -178,6 +184,10 @@ def test_flux_goals_and_caches_multiplying():
         "- goal grid r=0.25, kv_only >= 1.2x per 57-block step: cpu 1.250x: met",
         "- goal PAB + tome r=0.5, merge_mlp: PAB x tome r=0.5, merge_mlp within 10%: cpu 2.500x vs 2.500x (1.000): met",
         "- goal PAB + grid r=0.25, kv_only: PAB x grid r=0.25, kv_only within 10%: cpu 1.818x vs 1.562x (1.164): MISSED",
+        "- goal TaylorSeer lite + tome r=0.5, merge_mlp: TaylorSeer lite x tome r=0.5, merge_mlp within 10%: "
+        "cpu 3.333x vs 3.333x (1.000): met",
+        "- goal TaylorSeer lite + grid r=0.25, kv_only: TaylorSeer lite x grid r=0.25, kv_only within 10%: "
+        "cpu 2.000x vs 2.083x (0.960): met",
     ]
 
 

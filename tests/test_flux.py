@@ -247,7 +247,8 @@ def test_flux2_is_refused_with_a_reason():
 
 def cache_configs(pipe):
     """Caches whose skipping does not depend on the (random) weights: pyramid attention broadcast's
-    skip ranges and TaylorSeer's cache interval; first-block cache and MagCache with thresholds no
+    skip ranges and TaylorSeer's cache interval (on the attention modules, and in its lite mode on
+    whole blocks and the output projection); first-block cache and MagCache with thresholds no
     error reaches (they skip every call they may: after the first, and after MagCache's retained
     steps up to its longest run of skips)."""
     from diffusers import (
@@ -261,13 +262,14 @@ def cache_configs(pipe):
             current_timestep_callback=lambda: pipe.current_timestep,
         ),
         "taylorseer": TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1),
+        "taylorseer_lite": TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, use_lite_mode=True),
         "first_block": FirstBlockCacheConfig(threshold=1e9),
         "mag": MagCacheConfig(threshold=1e9, max_skip_steps=2, retention_ratio=0.25, num_inference_steps=4,
                               mag_ratios=FLUX_MAG_RATIOS),
     }
 
 
-@pytest.mark.parametrize("cache", ["pab", "taylorseer", "first_block", "mag"])
+@pytest.mark.parametrize("cache", ["pab", "taylorseer", "taylorseer_lite", "first_block", "mag"])
 def test_caches_compose_with_merging_in_either_order_and_each_removes_alone(cache):
     """sdmerge's wrappers sit inside diffusers' hooks on the same modules, whichever came first: the
     two orders give one result, different from either alone; sdmerge.remove leaves the cache, and

@@ -15,10 +15,11 @@ SCORE_CHUNK_ELEMENTS = 1 << 22
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """Pick tokens: ``x: [B, N, C]``, ``index: [n]`` (shared by the batch) or ``[B, n]`` -> ``[B, n, C]``."""
-    B, _, C = x.shape
+    B, N, C = x.shape
     if index.dim() == 1:
-        index = index.expand(B, -1)
-    return x.gather(1, index.unsqueeze(-1).expand(B, index.shape[1], C))
+        return x.index_select(1, index)
+    rows = index + torch.arange(0, B * N, N, device=index.device).unsqueeze(1)  # rows of x as [B*N, C]
+    return x.reshape(B * N, C).index_select(0, rows.view(-1)).view(B, index.shape[1], C)
 
 
 def most_similar(metric: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
