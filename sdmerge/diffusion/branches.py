@@ -26,11 +26,11 @@ normed sequence, one output projection) can also run merged as a whole (:class:`
 attention broadcast, TaylorSeer) keeps a module's output and replays it (or extrapolates from it)
 in later calls, whose plans group other tokens, so what leaves a cached module must be every
 token. Where a cache wraps the attention (as those two do), the attention unmerges its output
-inside the cache's hook and :class:`MergedBodyReentry` merges it again outside it (two gathers
-of width ``C``). Where one wraps the norm or the MLP, the body does not run merged: each of
+inside the cache's hook and :class:`MergedBodyReentry` merges it again outside it (an unmerge
+and a merge of width ``C``). Where one wraps the norm or the MLP, the body does not run merged: each of
 attention, MLP and output projection merges its input and unmerges its output instead, as the
-branches of other blocks do (same result, gathers of the MLP's width ``4C`` and of the output
-projection's input ``5C``).
+branches of other blocks do (same result, merges and unmerges of the MLP's width ``4C`` and of
+the output projection's input ``5C``).
 
 The hooks wrap the branch modules' forward (:mod:`sdmerge.diffusion.forward_hooks`), not their
 attention processors: whatever processor a layer has (set before or after ``apply``: attention
