@@ -50,6 +50,16 @@ def tokens_to_remove(num_tokens: int, keep_rate: float) -> int:
     return int(math.floor(num_tokens * (1.0 - keep_rate) + 1e-6))
 
 
+def batch_rows(index: Tensor, rows_per_sample: int) -> Tensor:
+    """Rows of a batch flattened: ``index: [B, n]``, rows of each sample's ``[K, C]`` (``K =
+    rows_per_sample``) -> ``[B*n]``, the same rows of ``[B*K, C]``, for one ``index_select`` or
+    ``index_add_`` over the whole batch."""
+    if index.shape[0] == 1:
+        return index.reshape(-1)
+    offsets = torch.arange(0, index.shape[0] * rows_per_sample, rows_per_sample, device=index.device)
+    return (index + offsets.unsqueeze(1)).reshape(-1)
+
+
 class MergePlan:
     """A grouping of ``N`` tokens into ``M`` groups per sample.
 
@@ -86,12 +96,12 @@ class MergePlan:
         # [B*N]: every token's row in the merged tokens flattened to [B*(M+drops), C]. Merging and
         # unmerging move whole rows (index_add_ / index_select), not elements through an index
         # expanded to [B, N, C]: 2-4x less time on the CPU for wide tokens, one launch either way.
-        width = self.num_groups + self.drops
-        if labels.shape[0] == 1:
-            self.rows = labels.reshape(-1)
-        else:
-            offsets = torch.arange(0, labels.shape[0] * width, width, device=labels.device)
-            self.rows = (labels + offsets.unsqueeze(1)).view(-1)
+        self.rows = batch_rows(labels, self._slots)
+
+    @property
+    def _slots(self) -> int:
+        """Rows of a sample's merged tokens: ``M``, and one more for the dropped tokens if any."""
+        return self.num_groups + self.drops
 
     @property
     def batch_size(self) -> int:
@@ -104,7 +114,7 @@ class MergePlan:
     def _group_sum(self, values: Tensor) -> Tensor:
         """Sum ``values: [B, N]`` (float) over each group -> ``[B, M]``."""
         B = self.batch_size
-        out = values.new_zeros(B, self.num_groups + self.drops)
+        out = values.new_zeros(B, self._slots)
         out.scatter_add_(1, self.labels, values)
         return out[:, : self.num_groups] if self.drops else out
 
@@ -141,7 +151,7 @@ class MergePlan:
             raise ValueError(f"weights must be [B, N] = {tuple(self.labels.shape)}, got {tuple(weights.shape)}")
         if normalise:
             w = weights.float() + _WEIGHT_FLOOR
-            total = w.new_zeros(self.batch_size, self.num_groups + self.drops).scatter_add_(1, self.labels, w)
+            total = w.new_zeros(self.batch_size, self._slots).scatter_add_(1, self.labels, w)
             coefficients = (w / total.gather(1, self.labels)).to(x.dtype)
         else:
             coefficients = weights.to(x.dtype)
@@ -150,8 +160,7 @@ class MergePlan:
     def _sum_rows(self, x: Tensor) -> Tensor:
         """Sum the tokens of each group: ``[B, N, C] -> [B, M, C]`` (dropped tokens left out)."""
         B, N, C = x.shape
-        width = self.num_groups + self.drops
-        out = x.new_zeros(B * width, C).index_add_(0, self.rows, x.reshape(B * N, C)).view(B, width, C)
+        out = x.new_zeros(B * self._slots, C).index_add_(0, self.rows, x.reshape(B * N, C)).view(B, self._slots, C)
         return out[:, : self.num_groups] if self.drops else out
 
     def unmerge(self, y: Tensor) -> Tensor:

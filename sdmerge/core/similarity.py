@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .plan import batch_rows
+
 # Similarity scores are computed this many at a time (16 MB in float32): at 1024x1024, Stable
 # Diffusion's top level compares 12288 sources with 4096 destinations per sample, whose full
 # score matrix (200 MB) would cost more in memory traffic than its maximum needs. Chunking rows
@@ -18,8 +20,7 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     B, N, C = x.shape
     if index.dim() == 1:
         return x.index_select(1, index)
-    rows = index + torch.arange(0, B * N, N, device=index.device).unsqueeze(1)  # rows of x as [B*N, C]
-    return x.reshape(B * N, C).index_select(0, rows.view(-1)).view(B, index.shape[1], C)
+    return x.reshape(B * N, C).index_select(0, batch_rows(index, N)).view(B, index.shape[1], C)
 
 
 def most_similar(metric: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
